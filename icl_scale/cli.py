@@ -1,0 +1,71 @@
+"""Command line: `icl-scale run` (the main job) and `icl-scale report RUN_DIR`.
+
+    icl-scale run --config launcher/default.yaml --data.tasks sst2,cb --data.eval_max 20
+    ACCELERATE_USE_CPU=true accelerate launch --config_file launcher/cpu_2proc.yaml -m icl_scale run ...
+    icl-scale report runs/default
+
+Every config field is an option (`icl-scale run --help`). Bad input: one line on stderr, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import typing
+
+from icl_scale import config as C
+from icl_scale.errors import UserError
+
+
+def _run_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("run", help="evaluate (ZSL, ICL) every task and seed, stream shards, write the report",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="YAML file with any subset of the config tree (sections model, data, eval, output)")
+    for name, f, typ in C.leaves():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if typing.get_origin(typ) is tuple:
+            default = ",".join(map(str, default))
+        extra = f" (one of: {', '.join(f.metadata['choices'])})" if f.metadata["choices"] else ""
+        p.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar=typ.__name__ if isinstance(typ, type) else "LIST",
+                       help=f"{f.metadata['help']}{extra} [default: {default}]")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="icl-scale", description="ICL vs finetuning, the whole study as one job.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    _run_parser(sub)
+    r = sub.add_parser("report", help="rebuild reports/<run>.md from a run dir and print the summary")
+    r.add_argument("run_dir")
+    r.add_argument("--report-dir", default="reports")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            overrides = {k: v for k, v in vars(args).items() if "." in k}
+            cfg = C.load(args.config, overrides)
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            from icl_scale.run import run
+
+            run(cfg)
+        elif args.command == "report":
+            from pathlib import Path
+
+            from rich.console import Console
+
+            from icl_scale.report.render import write_report
+
+            write_report(Path(args.run_dir), Path(args.report_dir), console=Console())
+    except UserError as e:
+        print(f"icl-scale: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""The one config tree: frozen dataclasses with a help string per field.
+
+A YAML file gives any subset of the tree; `--section.field value` options override it; every leaf
+is an option of `icl-scale run --help`. The resolved config is saved in the run dir and hashed; the
+hash (over the fields that change results) goes into every output file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from icl_scale.errors import UserError
+
+ALL_TASKS = ("sst2", "sst5", "mr", "subj", "agnews", "cb")
+
+
+def knob(default, help: str, result: bool = True, choices: tuple | None = None, **kw):
+    """A config field; `result=False` marks fields that cannot change any output value."""
+    meta = {"help": help, "result": result, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = knob("smollm2-135m", "model: an offline alias (smollm2-135m), a tiny test "
+                     "model (tiny-gpt2, tiny-llama), a Hugging Face hub id, or a local model dir")
+    attn: str = knob("sdpa", "attention kernel under the capture wrapper", choices=("sdpa", "eager"))
+    dtype: str = knob("float32", "parameter dtype", choices=("float32", "bfloat16", "float16"))
+    max_length: int = knob(2048, "max prompt length in tokens (capped by the model's own maximum)")
+    cache_dir: str = knob("~/.cache/icl_scale", "where converted offline models are kept", result=False)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    tasks: tuple[str, ...] = knob(ALL_TASKS, "tasks to run, comma-separated", choices=ALL_TASKS)
+    source: str = knob("offline", "default data source for every task: offline (packages and data_dir), "
+                       "hub (Hugging Face hub ids), files (files_dir/<task>/<split>.jsonl|csv|parquet)",
+                       choices=("offline", "hub", "files"))
+    task_sources: tuple[str, ...] = knob((), "per-task source overrides, e.g. cb=files,sst2=hub")
+    data_dir: str = knob("../shared/data", "dir with cb/{train,val}.jsonl and sst2/stsa.binary.dev "
+                         "(offline source)")
+    files_dir: str = knob("data", "dir with <task>/<split>.{jsonl,csv,parquet} (files source)")
+    k: int = knob(32, "demonstrations drawn per (task, seed) before the greedy fit to max_length")
+    eval_max: int = knob(2000, "eval examples per task (at most the task's eval size, 2000 for the largest)")
+    seeds: tuple[int, ...] = knob((1,), "run seeds (demonstration draw), comma-separated")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    methods: tuple[str, ...] = knob(("zsl", "icl"), "evaluation settings", choices=("zsl", "icl"))
+    record_position: str = knob("prediction", "where activations are recorded: the position that "
+                                "predicts the answer, or the first answer token (the reference's choice)",
+                                choices=("prediction", "answer"))
+    capture: bool = knob(True, "record per-layer attention outputs and pre-softmax scores")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    run_dir: str = knob("runs/default", "run directory (config, shards, logs)", result=False)
+    report_dir: str = knob("reports", "where <run>.md is written", result=False)
+    shard_mb: float = knob(64.0, "flush a shard once its records reach this many MiB", result=False)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+_SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "eval": EvalConfig, "output": OutputConfig}
+
+
+def leaves():
+    """Yield (dotted name, field, base type) for every knob of the tree."""
+    for section, cls in _SECTION_TYPES.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            yield f"{section}.{f.name}", f, hints[f.name]
+
+
+def _coerce(name: str, value, typ, choices):
+    """Turn a YAML or command-line value into the field's type, or raise a UserError naming the field."""
+    origin = typing.get_origin(typ)
+    try:
+        if origin is tuple:
+            (item,) = {a for a in typing.get_args(typ) if a is not Ellipsis}
+            items = value.split(",") if isinstance(value, str) else list(value)
+            out = tuple(_coerce(name, v.strip() if isinstance(v, str) else v, item, choices)
+                        for v in items if v != "")
+            return out
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            low = str(value).lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typ in (int, float) and isinstance(value, bool):
+            raise ValueError
+        out = typ(value)
+        if typ is int and isinstance(value, float) and out != value:
+            raise ValueError
+    except (ValueError, TypeError):
+        raise UserError(f"config field {name}: {value!r} is not a valid {getattr(typ, '__name__', typ)}") from None
+    if choices and out not in choices:
+        raise UserError(f"config field {name}: {out!r} is not one of {', '.join(map(str, choices))}")
+    return out
+
+
+def build(file_values: dict | None = None, overrides: dict | None = None, source: str = "config") -> RunConfig:
+    """Resolve defaults <- YAML values <- overrides, type-check and validate."""
+    values: dict[str, dict] = {s: {} for s in _SECTION_TYPES}
+    for section, body in (file_values or {}).items():
+        if section not in _SECTION_TYPES:
+            raise UserError(f"{source}: unknown section {section!r} (known: {', '.join(_SECTION_TYPES)})")
+        if not isinstance(body, dict):
+            raise UserError(f"{source}: section {section!r} must be a mapping")
+        values[section].update(body)
+    for dotted, v in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        values.setdefault(section, {})[key] = v
+    known = {name: (f, typ) for name, f, typ in leaves()}
+    parts = {}
+    for section, cls in _SECTION_TYPES.items():
+        kwargs = {}
+        for key, v in values[section].items():
+            name = f"{section}.{key}"
+            if name not in known:
+                raise UserError(f"{source}: unknown field {name}")
+            f, typ = known[name]
+            kwargs[key] = _coerce(name, v, typ, f.metadata["choices"])
+        parts[section] = cls(**kwargs)
+    cfg = RunConfig(**parts)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    d = cfg.data
+    if not d.tasks:
+        raise UserError("config field data.tasks: no task given")
+    if d.k < 0:
+        raise UserError(f"config field data.k: {d.k} must be >= 0")
+    if d.eval_max < 1:
+        raise UserError(f"config field data.eval_max: {d.eval_max} must be >= 1")
+    if not d.seeds:
+        raise UserError("config field data.seeds: no seed given")
+    if len(set(d.seeds)) != len(d.seeds):
+        raise UserError(f"config field data.seeds: repeated seed in {d.seeds}")
+    for item in d.task_sources:
+        task, _, src = item.partition("=")
+        if task not in ALL_TASKS or src not in ("offline", "hub", "files"):
+            raise UserError(f"config field data.task_sources: {item!r} is not <task>=<offline|hub|files>")
+    if cfg.model.max_length < 8:
+        raise UserError(f"config field model.max_length: {cfg.model.max_length} is too small")
+    if not cfg.eval.methods:
+        raise UserError("config field eval.methods: no method given")
+    if cfg.output.shard_mb <= 0:
+        raise UserError(f"config field output.shard_mb: {cfg.output.shard_mb} must be > 0")
+
+
+def source_for(cfg: RunConfig, task: str) -> str:
+    for item in cfg.data.task_sources:
+        name, _, src = item.partition("=")
+        if name == task:
+            return src
+    return cfg.data.source
+
+
+def load(path: str | None, overrides: dict | None = None) -> RunConfig:
+    file_values = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {path}: not found")
+        try:
+            file_values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(file_values, dict):
+            raise UserError(f"config file {path}: top level must be a mapping of sections")
+    return build(file_values, overrides, source=str(path or "config"))
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def result_dict(cfg: RunConfig) -> dict:
+    """The fields that can change any output value; the config hash covers exactly these."""
+    full = to_dict(cfg)
+    out: dict = {}
+    for name, f, _ in leaves():
+        if f.metadata["result"]:
+            section, key = name.split(".")
+            out.setdefault(section, {})[key] = full[section][key]
+    return out
+
+
+def config_hash(cfg: RunConfig) -> str:
+    blob = json.dumps(result_dict(cfg), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def diff_fields(old: dict, new: dict) -> list[str]:
+    """Dotted names of result fields that differ between two result dicts."""
+    names = []
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section, {}), new.get(section, {})
+        names += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return names

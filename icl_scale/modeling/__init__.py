@@ -1,0 +1,1 @@
+"""Models: loading (load.py), tiny test models (tiny.py), named capture points (capture.py)."""

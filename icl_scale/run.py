@@ -1,0 +1,113 @@
+"""The main job: plan → jobs → evaluate → shards → report.
+
+    ACCELERATE_USE_CPU=true accelerate launch --config_file launcher/cpu_2proc.yaml \\
+        -m icl_scale run --config launcher/default.yaml --data.eval_max 50
+
+Every rank builds the same plan (data, eval sets, prompts) and validates it before anything is
+written; each rank then takes eval examples rank::world_size of every job and streams its records
+to its own shards. Rerunning the same command skips what complete shards hold.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from icl_scale import config as C
+from icl_scale.capture.shards import ShardWriter, done_ids
+from icl_scale.methods.evaluate import PrefixCache, score_query
+from icl_scale.modeling.load import load_model, max_positions
+from icl_scale.prompts import Encoder, Prompt, fit_prompt, zsl_prompt
+from icl_scale.runtime import dist, rundir
+from icl_scale.runtime.progress import Progress
+from icl_scale.tasks import get_task
+from icl_scale.tasks.sources import load_source
+from icl_scale.tasks.split import split_task
+
+log = logging.getLogger("icl_scale")
+
+
+@dataclass
+class Job:
+    """One task × seed: its eval rows and the prompt of each setting."""
+    task: str
+    seed: int
+    enc: Encoder
+    eval_rows: list[dict]
+    prompts: dict[str, Prompt]
+    meta: dict
+
+
+def plan(cfg: C.RunConfig, tok, model_max: int) -> list[Job]:
+    """Load every task's data and build every prompt; any bad input fails here, before writing."""
+    max_len = min(cfg.model.max_length, model_max)
+    jobs = []
+    for task in cfg.data.tasks:
+        spec = get_task(task)
+        source = C.source_for(cfg, task)
+        src = load_source(spec, source, cfg.data.data_dir, cfg.data.files_dir)
+        enc = Encoder(spec, tok)
+        for seed in cfg.data.seeds:
+            split = split_task(spec, src, seed, cfg.data.k, cfg.data.eval_max)
+            icl = fit_prompt(enc, split.demos, split.eval_full, max_len)
+            prompts = {"zsl": zsl_prompt(enc), "icl": icl}
+            meta = {"task": task, "seed": seed, "source": src.description, "eval_ids": [r["id"] for r in split.eval],
+                    "eval_size_full": len(split.eval_full), "eval_from_train": split.eval_from_train,
+                    "k_requested": icl.k_requested, "k_effective": icl.k_effective, "demo_ids": list(icl.demo_ids),
+                    "prefix_tokens": len(icl.prefix_ids), "max_length": max_len,
+                    "label_words": list(spec.label_words), "options": enc.options()}
+            jobs.append(Job(task, seed, enc, split.eval, {m: prompts[m] for m in cfg.eval.methods}, meta))
+    return jobs
+
+
+def evaluate_job(cfg, model, job: Job, setting: str, run_dir: Path, h: str, state, progress) -> None:
+    jd = rundir.job_dir(run_dir, job.task, setting, job.seed)
+    share = job.eval_rows[state.process_index::state.num_processes]
+    done = done_ids(jd, h)
+    todo = [r for r in share if r["id"] not in done]
+    writer = ShardWriter(jd, {"config_hash": h, "task": job.task, "setting": setting, "seed": job.seed},
+                         state.process_index, state.num_processes, int(cfg.output.shard_mb * 2**20))
+    progress.start(f"{job.task}/{setting} seed {job.seed}", total=len(share), done=len(share) - len(todo))
+    if todo:
+        cache = PrefixCache(model, job.prompts[setting].prefix_ids)
+        options = job.enc.options()
+        for row in todo:
+            s = score_query(model, cache, job.enc.input_ids(row), options, cfg.eval.record_position, cfg.eval.capture)
+            writer.add({"id": row["id"], "gold": row["label"], "pred": s.pred, "option_scores": s.option_scores,
+                        "attn_out": s.attn_out, "scores": s.scores})
+            progress.advance()
+    writer.close(expected=len(share))
+    log.info("job %s/%s seed %d: %d done now, %d before", job.task, setting, job.seed, len(todo), len(share) - len(todo))
+
+
+def run(cfg: C.RunConfig) -> Path | None:
+    state = dist.init_state()
+    run_dir = Path(cfg.output.run_dir)
+    t0 = time.time()
+    model, tok = load_model(cfg.model.name, cfg.model.attn, cfg.model.dtype, cfg.model.cache_dir,
+                            main_first=state.main_process_first)
+    model.to(state.device)
+    jobs = plan(cfg, tok, max_positions(model))
+    h = C.config_hash(cfg)
+    if state.is_main_process:
+        rundir.check_or_save_config(cfg, run_dir)
+        rundir.remove_orphans(run_dir)
+        for job in jobs:
+            rundir.write_job_meta(run_dir, job.task, job.seed, job.meta | {"config_hash": h})
+    dist.barrier(state)
+    with Progress(state, run_dir) as progress:
+        log.info("rank %d/%d, model %s, %d jobs", state.process_index, state.num_processes, cfg.model.name, len(jobs))
+        for job in jobs:
+            for setting in job.prompts:
+                evaluate_job(cfg, model, job, setting, run_dir, h, state, progress)
+    dist.barrier(state)
+    out = None
+    if state.is_main_process:
+        from icl_scale.report.render import write_report
+
+        out = write_report(run_dir, Path(cfg.output.report_dir), console=progress.console)
+        log.info("done in %.1fs", time.time() - t0)
+    dist.shutdown(state)
+    return out

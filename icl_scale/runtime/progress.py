@@ -1,0 +1,46 @@
+"""The main process talks (one rich progress display); the others work and log to their own file."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
+
+
+class Progress:
+    def __init__(self, state, run_dir: Path):
+        self.main = state.is_main_process
+        self.console = Console(stderr=True)
+        logs = Path(run_dir) / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        self.handler = logging.FileHandler(logs / f"rank{state.process_index}.log")
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger = logging.getLogger("icl_scale")
+        logger.setLevel(logging.INFO)
+        logger.addHandler(self.handler)
+        self.bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), TimeRemainingColumn(), console=self.console,
+                                disable=not self.main) if self.main else None
+        self.task = None
+
+    def __enter__(self):
+        if self.bar:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar:
+            self.bar.stop()
+        logging.getLogger("icl_scale").removeHandler(self.handler)
+        self.handler.close()
+
+    def start(self, name: str, total: int, done: int) -> None:
+        if self.bar:
+            self.task = self.bar.add_task(f"rank 0 · {name}", total=total, completed=done)
+
+    def advance(self) -> None:
+        if self.bar and self.task is not None:
+            self.bar.advance(self.task)

@@ -1,0 +1,73 @@
+"""The run dir: resolved config (saved before work starts), job metadata, job dirs, logs.
+
+    <run>/config.yaml            resolved config, as a user would write it
+    <run>/config.json            resolved config + hash + the result fields the hash covers
+    <run>/jobs/<task>/seed<s>.json   data source, eval ids, effective K, demonstration ids
+    <run>/shards/<task>/<setting>/seed<s>/   record shards (capture/shards.py)
+    <run>/logs/rank<r>.log
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from icl_scale import config as C
+from icl_scale.capture.shards import atomic_write_text, read_manifests
+from icl_scale.errors import UserError
+
+
+def job_dir(run_dir: Path, task: str, setting: str, seed: int) -> Path:
+    return run_dir / "shards" / task / setting / f"seed{seed}"
+
+
+def job_meta_path(run_dir: Path, task: str, seed: int) -> Path:
+    return run_dir / "jobs" / task / f"seed{seed}.json"
+
+
+def check_or_save_config(cfg: C.RunConfig, run_dir: Path) -> str:
+    """Save the resolved config; on resume, a changed result field is an error naming the fields."""
+    h = C.config_hash(cfg)
+    path = run_dir / "config.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old["config_hash"] != h:
+            fields = C.diff_fields(old["result_fields"], C.result_dict(cfg))
+            raise UserError(f"run dir {run_dir} holds a run of another config: {', '.join(fields)} differ "
+                            f"(use another output.run_dir)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(C.to_dict(cfg), sort_keys=False))
+    atomic_write_text(path, json.dumps({"config_hash": h, "config": C.to_dict(cfg),
+                                        "result_fields": C.result_dict(cfg)}, indent=1))
+    return h
+
+
+def load_run(run_dir: Path) -> dict:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise UserError(f"run dir {run_dir}: no config.json (not a run dir)")
+    return json.loads(path.read_text())
+
+
+def write_job_meta(run_dir: Path, task: str, seed: int, meta: dict) -> None:
+    p = job_meta_path(run_dir, task, seed)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(p, json.dumps(meta, indent=1))
+
+
+def remove_orphans(run_dir: Path) -> list[Path]:
+    """Shards renamed into place whose manifest update never happened (a kill in between), and
+    temporary files: their records are redone, so the files go."""
+    gone = []
+    root = run_dir / "shards"
+    if not root.is_dir():
+        return gone
+    for jd in {p.parent for p in root.rglob("*") if p.is_file()}:
+        listed = {s["file"] for m in read_manifests(jd) for s in m["shards"]}
+        for p in jd.iterdir():
+            if (p.name.startswith(".") and ".tmp" in p.name) or (p.suffix == ".safetensors" and p.name not in listed):
+                p.unlink()
+                gone.append(p)
+    return gone

@@ -1,0 +1,48 @@
+"""Eval set and demonstrations of a (task, seed), independent of the world size and eval cap.
+
+- eval: the eval split shuffled with the fixed seed 1, first `spec.eval_size` rows, then the
+  first `eval_max` of those; with no eval split, that held-out set comes out of train instead and
+  demonstrations are never drawn from it;
+- demonstrations: the remaining train pool shuffled with the run seed, first k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from icl_scale.errors import UserError
+from icl_scale.tasks.sources import SourceRows
+from icl_scale.tasks.spec import TaskSpec
+
+EVAL_SHUFFLE_SEED = 1
+
+
+@dataclass
+class TaskSplit:
+    eval_full: list[dict]   # the task's whole eval set (fixes the greedy fit independently of the cap)
+    eval: list[dict]        # the capped eval set
+    demos: list[dict]       # k demonstrations in draw order
+    eval_from_train: bool
+
+
+def shuffled(rows: list[dict], seed: int) -> list[dict]:
+    order = np.random.default_rng(seed).permutation(len(rows))
+    return [rows[i] for i in order]
+
+
+def split_task(spec: TaskSpec, src: SourceRows, seed: int, k: int, eval_max: int) -> TaskSplit:
+    if src.eval is None:
+        held = shuffled(src.train, EVAL_SHUFFLE_SEED)
+        size = min(spec.eval_size, len(held) // 2)
+        eval_full, pool = held[:size], held[size:]
+        pool.sort(key=lambda r: r["id"])
+    else:
+        eval_full, pool = shuffled(src.eval, EVAL_SHUFFLE_SEED)[: spec.eval_size], src.train
+    if not eval_full:
+        raise UserError(f"task {spec.name}: eval split is empty")
+    if k > len(pool):
+        raise UserError(f"config field data.k: {k} is larger than task {spec.name}'s demonstration pool ({len(pool)})")
+    demos = shuffled(pool, seed)[:k]
+    return TaskSplit(eval_full, eval_full[:eval_max], demos, src.eval is None)
