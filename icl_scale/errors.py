@@ -3,3 +3,8 @@
 
 class UserError(Exception):
     """Bad input (config, option, data file, model name). The message names the culprit."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, for one-line errors."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

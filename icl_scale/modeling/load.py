@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from icl_scale.errors import UserError
+from icl_scale.errors import UserError, first_line
 from icl_scale.modeling import capture  # noqa: F401  (registers the icl_* attention functions)
 from icl_scale.modeling.tiny import TINY_MODELS, build_tiny
 
@@ -88,7 +88,7 @@ def load_model(name: str, attn: str = "sdpa", dtype: str = "float32", cache_dir:
         except (OSError, ValueError) as e:
             raise UserError(f"unknown model {name!r}: not an offline alias ({', '.join(OFFLINE_MODELS)}), "
                             f"tiny model ({', '.join(TINY_MODELS)}), local dir or reachable hub id "
-                            f"({str(e).splitlines()[0][:160]})") from None
+                            f"({first_line(e)})") from None
     model.to(getattr(torch, dtype))
     _zero_dropout(model)
     model.eval()

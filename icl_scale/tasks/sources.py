@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from icl_scale.errors import UserError
+from icl_scale.errors import UserError, first_line
 from icl_scale.tasks import staicc
 from icl_scale.tasks.spec import TaskSpec
 
@@ -83,6 +83,8 @@ def read_table(spec: TaskSpec, path: Path) -> list[dict]:
     kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix)
     if kind is None:
         raise UserError(f"data file {path}: unsupported format (use .jsonl, .csv or .parquet)")
+    if path.stat().st_size == 0:
+        raise UserError(f"data file {path}: split is empty")
     if kind == "json":
         problem = _first_bad_json_line(path)
         if problem != "cannot be parsed":
@@ -91,7 +93,7 @@ def read_table(spec: TaskSpec, path: Path) -> list[dict]:
     try:
         ds = datasets.load_dataset(kind, data_files=str(path), split="train")
     except Exception as e:
-        raise UserError(f"data file {path}: cannot be parsed ({str(e).splitlines()[0][:200]})") from None
+        raise UserError(f"data file {path}: cannot be parsed ({first_line(e)})") from None
     return _rows_from_records(spec, ds, f"data file {path}")
 
 
@@ -117,7 +119,7 @@ def _hub(spec: TaskSpec) -> SourceRows:
             ds = datasets.load_dataset(spec.hub_path, spec.hub_name, split=split)
         except Exception as e:
             raise UserError(f"task {spec.name}: hub dataset {spec.hub_path} split {split} cannot be loaded "
-                            f"({str(e).splitlines()[0][:200]})") from None
+                            f"({first_line(e)})") from None
         cols = {f: spec.hub_columns.get(f, f) for f in (*spec.fields, "label")}
         return _rows_from_records(spec, ({f: r[c] for f, c in cols.items()} for r in ds),
                                   f"hub {spec.hub_path}/{split}")
@@ -153,7 +155,7 @@ def _offline(spec: TaskSpec, data_dir: str) -> SourceRows:
     if spec.name == "sst2":
         dev = Path(data_dir) / "sst2" / "stsa.binary.dev"
         return SourceRows(rows, _sst2_dev(spec, dev), "offline:staicc+sst2-dev")
-    return SourceRows(rows, None, "offline:staicc (eval held out of train)")
+    return SourceRows(rows, None, "offline:staicc-heldout")
 
 
 def load_source(spec: TaskSpec, source: str, data_dir: str, files_dir: str) -> SourceRows:

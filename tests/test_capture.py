@@ -1,0 +1,108 @@
+"""Capture points against independent computations, and the prefix cache against full recompute."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from icl_scale.methods.evaluate import PrefixCache, score_full, score_query
+from icl_scale.modeling.capture import attention_modules, capture
+from icl_scale.modeling.load import load_model
+from icl_scale.prompts import Encoder, fit_prompt, zsl_prompt
+from icl_scale.tasks import get_task
+from icl_scale.tasks.sources import load_source
+from icl_scale.tasks.split import split_task
+
+MODELS = ["tiny-gpt2", "tiny-llama"]
+
+
+def eager_twin(model):
+    """The same weights under transformers' plain eager attention (returns attention probabilities)."""
+    twin = AutoModelForCausalLM.from_config(model.config, attn_implementation="eager")
+    twin.load_state_dict(model.state_dict())
+    return twin.eval()
+
+
+def out_proj(attn):
+    return attn.o_proj if hasattr(attn, "o_proj") else attn.c_proj
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_scores_softmax_to_eager_probabilities(name, attn):
+    model, tok = load_model(name, attn)
+    ids = torch.tensor([tok.encode("Sentence: a moving and funny film Label:")])
+    pos = ids.shape[1] - 1
+    with capture(model, pos) as cap, torch.no_grad():
+        model(input_ids=ids)
+    out, scores = cap.stacked(model.config.num_hidden_layers)
+    twin = eager_twin(model)
+    seen = {}
+    handles = [out_proj(a).register_forward_hook(lambda m, i, o, l=a.layer_idx: seen.__setitem__(l, o[0, pos]))
+               for a in attention_modules(twin)]
+    with torch.no_grad():
+        probs = twin(input_ids=ids, output_attentions=True).attentions
+    for h in handles:
+        h.remove()
+    for layer in range(model.config.num_hidden_layers):
+        torch.testing.assert_close(torch.softmax(scores[layer], -1), probs[layer][0, :, pos, : pos + 1], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(out[layer], seen[layer], atol=1e-6, rtol=1e-5)
+    assert scores.shape == (model.config.num_hidden_layers, model.config.num_attention_heads, pos + 1)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_scores_after_cached_prefix_are_the_query_columns(name):
+    model, tok = load_model(name, "eager")
+    prefix = [tok.bos_token_id] + tok.encode("Sentence: dull Label: Negative") + [tok.eos_token_id]
+    query = tok.encode("Sentence: bright Label:")
+    cache = PrefixCache(model, prefix)
+    with capture(model, len(query) - 1) as cap:
+        cache.forward(query)
+    _, scores = cap.stacked(model.config.num_hidden_layers)
+    with torch.no_grad():
+        probs = eager_twin(model)(input_ids=torch.tensor([prefix + query]), output_attentions=True).attentions
+    for layer in range(model.config.num_hidden_layers):
+        row = probs[layer][0, :, -1, len(prefix):]
+        torch.testing.assert_close(torch.softmax(scores[layer], -1), row / row.sum(-1, keepdim=True), atol=1e-6, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def cb_rows(data_dir):
+    spec = get_task("cb")
+    return spec, split_task(spec, load_source(spec, "offline", str(data_dir), ""), seed=1, k=32, eval_max=3)
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("record", ["prediction", "answer"])
+def test_prefix_cache_matches_full_recompute(name, attn, record, cb_rows):
+    spec, split = cb_rows
+    model, tok = load_model(name, attn)
+    enc = Encoder(spec, tok)
+    for prompt in (zsl_prompt(enc), fit_prompt(enc, split.demos, split.eval_full, 1500)):
+        cache = PrefixCache(model, prompt.prefix_ids)
+        for row in split.eval:
+            q = enc.input_ids(row)
+            a = score_query(model, cache, q, enc.options(), record)
+            b = score_full(model, prompt.prefix_ids, q, enc.options(), record)
+            assert a.pred == b.pred
+            torch.testing.assert_close(torch.tensor(a.option_scores), torch.tensor(b.option_scores), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(a.attn_out, b.attn_out, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=1e-5)
+            assert a.scores.shape[-1] == len(q) + (record == "answer")
+
+
+def test_multi_token_option_score_is_mean_log_softmax():
+    model, tok = load_model("tiny-llama", "eager")
+    prefix = [tok.bos_token_id]
+    q = tok.encode("Input: x Type:")
+    options = [tok.encode(" objective"), tok.encode(" subjective")]
+    assert all(len(o) > 1 for o in options)
+    got = score_query(model, PrefixCache(model, prefix), q, options, do_capture=False)
+    for opt, s in zip(options, got.option_scores):
+        seq = prefix + q + opt
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0].double(), -1)
+        start = len(prefix) + len(q)
+        want = sum(lp[start - 1 + j, t].item() for j, t in enumerate(opt)) / len(opt)
+        assert abs(s - want) < 1e-5
+    assert got.pred == max(range(2), key=lambda i: got.option_scores[i])
