@@ -65,13 +65,23 @@ def test_corrupt_missing_foreign_and_duplicate_shards_are_named(tmp_path):
         merge_job(jd, "abc", [0, 1, 2])
     with pytest.raises(UserError, match="manifest-r0.json: written by config abc, not zzz"):
         merge_job(jd, "zzz", [1, 2])
+    clean = tmp_path / "clean"
+    w = ShardWriter(clean, META, 0, 1, max_bytes=1)
+    w.add(record(1, 2))
+    w.close(1)
     other = tmp_path / "other"
     w = ShardWriter(other, META | {"config_hash": "zzz"}, 1, 2, max_bytes=1)
     w.add(record(7, 2))
     w.close(1)
-    (other / "r1-00000.safetensors").rename(jd / "r1-00000.safetensors")
+    (other / "r1-00000.safetensors").rename(clean / "r1-00000.safetensors")
     with pytest.raises(UserError, match="r1-00000.safetensors: not listed"):
-        merge_job(jd, "abc", [1, 2])
+        merge_job(clean, "abc", [1])
+    (clean / "r1-00000.safetensors").unlink()
+    dup = ShardWriter(clean, META, 1, 2, max_bytes=1)
+    dup.add(record(1, 2))
+    dup.close(1)
+    with pytest.raises(UserError, match="example id 1 also in"):
+        merge_job(clean, "abc", [1])
 
 
 def test_orphans_of_a_kill_are_removed(tmp_path):
