@@ -1,0 +1,60 @@
+"""Real `accelerate launch` runs: world-size invariance and kill/resume equivalence."""
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from conftest import launch, run_cli
+from helpers import assert_same_records, run_records
+
+
+def args(run_dir, data_dir, *extra):
+    return ["run", "--model.name", "tiny-llama", "--data.tasks", "sst2,agnews,cb", "--data.k", "8",
+            "--data.eval_max", "12", "--model.max_length", "1500", "--data.data_dir", str(data_dir),
+            "--output.run_dir", str(run_dir), "--output.report_dir", str(run_dir.parent / "reports"), *extra]
+
+
+@pytest.fixture(scope="module")
+def one_proc(tmp_path_factory, data_dir):
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    r = launch(args(run_dir, data_dir), nproc=1)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return run_dir
+
+
+def test_two_processes_match_one(one_proc, tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    r = launch(args(run_dir, data_dir), nproc=2)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # the launch really started two ranks and each wrote its share
+    manifests = sorted(run_dir.glob("shards/cb/icl/seed1/manifest-r*.json"))
+    assert [json.loads(m.read_text())["world_size"] for m in manifests] == [2, 2]
+    assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["rank0.log", "rank1.log"]
+    assert_same_records(run_records(one_proc), run_records(run_dir))
+    report = (run_dir.parent / "reports" / "run.md").read_text()
+    assert report.replace(str(run_dir), "") == (one_proc.parent / "reports" / "run.md").read_text().replace(str(one_proc), "")
+
+
+def test_kill_and_rerun_equals_uninterrupted(one_proc, tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    a = args(run_dir, data_dir, "--output.shard_mb", "0.001")
+    proc = launch(a, nproc=2, popen=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(run_dir.glob("shards/agnews/zsl/seed1/r*.safetensors"))) < 2:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir.parent / "reports" / "run.md").exists(), "the run finished before it was killed"
+    r = launch(a, nproc=2)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert_same_records(run_records(one_proc), run_records(run_dir))
+
+
+def test_changed_config_on_resume_names_fields(one_proc, data_dir):
+    r = run_cli(args(one_proc, data_dir, "--data.k", "4", "--eval.record_position", "answer"))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "data.k, eval.record_position differ" in lines[0]
