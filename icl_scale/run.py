@@ -87,7 +87,7 @@ def run(cfg: C.RunConfig) -> Path | None:
     run_dir = Path(cfg.output.run_dir)
     t0 = time.time()
     model, tok = load_model(cfg.model.name, cfg.model.attn, cfg.model.dtype, cfg.model.cache_dir,
-                            main_first=state.main_process_first)
+                            main_first=lambda: dist.main_first(state))
     model.to(state.device)
     jobs = plan(cfg, tok, max_positions(model))
     h = C.config_hash(cfg)

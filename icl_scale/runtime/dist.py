@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 
@@ -19,12 +20,24 @@ def init_state():
 
 
 def barrier(state) -> None:
-    if state.num_processes > 1:
-        state.wait_for_everyone()
+    # Not state.wait_for_everyone(): a CPU launch started with --multi_gpu leaves accelerate's
+    # distributed_type at NO, which makes its barrier a no-op although the process group is up.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+@contextmanager
+def main_first(state):
+    """The main process runs the block first (e.g. a one-time model conversion), then the others."""
+    if not state.is_main_process:
+        barrier(state)
+    yield
+    if state.is_main_process:
+        barrier(state)
 
 
 def shutdown(state) -> None:
     """Tear the process group down cleanly (an abort at interpreter exit otherwise)."""
-    if state.num_processes > 1 and torch.distributed.is_initialized():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

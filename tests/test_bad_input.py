@@ -1,0 +1,58 @@
+"""Bad input: one clear error line naming the culprit, exit 2, nothing written."""
+
+import pytest
+
+from conftest import run_cli
+
+
+def base(tmp_path, data_dir):
+    return ["run", "--model.name", "tiny-gpt2", "--data.tasks", "cb", "--data.eval_max", "2", "--data.k", "2",
+            "--data.data_dir", str(data_dir), "--output.run_dir", str(tmp_path / "run"),
+            "--output.report_dir", str(tmp_path / "reports")]
+
+
+CASES = [
+    (["--data.tasks", "imdb"], "data.tasks"),
+    (["--model.name", "no-such-model-anywhere"], "unknown model 'no-such-model-anywhere'"),
+    (["--data.k", "1000"], "data.k: 1000 is larger than task cb's demonstration pool"),
+    (["--data.k", "-3"], "data.k"),
+    (["--model.max_length", "40"], "model.max_length 40"),
+    (["--eval.methods", "ft"], "eval.methods"),
+    (["--data.seeds", "1,1"], "data.seeds"),
+    (["--data.data_dir", "/nonexistent"], "/nonexistent/cb/train.jsonl not found"),
+    (["--data.source", "files", "--data.files_dir", "/nonexistent"], "/nonexistent/cb/train.jsonl"),
+    (["--output.shard_mb", "0"], "output.shard_mb"),
+]
+
+
+@pytest.mark.parametrize("extra, message", CASES)
+def test_bad_option(tmp_path, data_dir, extra, message):
+    r = run_cli(base(tmp_path, data_dir) + extra)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("icl-scale: error:") and message in lines[0], r.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "reports").exists()
+
+
+def test_malformed_data_file_names_row(tmp_path, data_dir):
+    d = tmp_path / "files" / "cb"
+    d.mkdir(parents=True)
+    good = (data_dir / "cb" / "train.jsonl").read_text().splitlines()
+    (d / "train.jsonl").write_text("\n".join(good[:5] + ['{"premise": "x", "hyp'] + good[5:]) + "\n")
+    r = run_cli(base(tmp_path, data_dir) + ["--data.source", "files", "--data.files_dir", str(tmp_path / "files")])
+    assert r.returncode == 2 and "train.jsonl: row 6 is not valid JSON" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_config_file(tmp_path, data_dir):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("eval:\n  capture: three\n")
+    r = run_cli(base(tmp_path, data_dir) + ["--config", str(cfg)])
+    assert r.returncode == 2 and "config field eval.capture: 'three'" in r.stderr
+    r = run_cli(base(tmp_path, data_dir) + ["--config", str(tmp_path / "missing.yaml")])
+    assert r.returncode == 2 and "missing.yaml: not found" in r.stderr
+
+
+def test_report_of_a_non_run_dir(tmp_path):
+    r = run_cli(["report", str(tmp_path)])
+    assert r.returncode == 2 and "no config.json" in r.stderr

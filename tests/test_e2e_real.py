@@ -1,0 +1,52 @@
+"""End to end on the real offline model (SmolLM2-135M) and real data."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import ROOT, launch
+from helpers import run_records
+from icl_scale.methods.evaluate import PrefixCache, score_full, score_query
+from icl_scale.modeling.load import load_model
+from icl_scale.prompts import Encoder, fit_prompt
+from icl_scale.tasks import get_task
+from icl_scale.tasks.sources import load_source
+from icl_scale.tasks.split import split_task
+
+pytestmark = pytest.mark.slow
+
+
+def test_real_model_prefix_cache_matches_recompute_on_agnews(data_dir):
+    model, tok = load_model("smollm2-135m", "sdpa")
+    spec = get_task("agnews")
+    split = split_task(spec, load_source(spec, "offline", str(data_dir), ""), seed=1, k=32, eval_max=2)
+    enc = Encoder(spec, tok)
+    prompt = fit_prompt(enc, split.demos, split.eval_full, 2048)
+    assert 15 <= prompt.k_effective < 32 and len(prompt.prefix_ids) > 1200
+    cache = PrefixCache(model, prompt.prefix_ids)
+    for row in split.eval:
+        a = score_query(model, cache, enc.input_ids(row), enc.options())
+        b = score_full(model, prompt.prefix_ids, enc.input_ids(row), enc.options())
+        assert a.pred == b.pred
+        torch.testing.assert_close(torch.tensor(a.option_scores), torch.tensor(b.option_scores), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(a.attn_out, b.attn_out, atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(a.scores, b.scores, atol=1e-3, rtol=1e-3)
+
+
+def test_default_job_on_two_processes(tmp_path, data_dir):
+    run_dir = tmp_path / "default"
+    r = launch(["run", "--config", str(ROOT / "launcher" / "default.yaml"), "--data.tasks", "sst2,cb",
+                "--data.eval_max", "4", "--data.data_dir", str(data_dir), "--output.run_dir", str(run_dir),
+                "--output.report_dir", str(tmp_path / "reports")], nproc=2)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads((run_dir / "shards/sst2/icl/seed1/manifest-r1.json").read_text())["world_size"] == 2
+    records = run_records(run_dir)
+    assert len(records["cb", "icl", 1]["ids"]) == 4
+    meta = json.loads((run_dir / "jobs/cb/seed1.json").read_text())
+    assert 10 <= meta["k_effective"] < 32  # CB's long premises: the greedy fit stops early
+    attn = records["sst2", "zsl", 1]["attn_out"]
+    assert attn.shape == (4, 30, 576) and (abs(attn).sum(-1) > 0).all()
+    assert records["sst2", "icl", 1]["scores"][0].shape[:2] == (30, 9)
+    report = (tmp_path / "reports" / "default.md").read_text()
+    assert "| sst2 | 1 |" in report and "| cb | 1 |" in report and f"{meta['k_effective']}/32" in report
