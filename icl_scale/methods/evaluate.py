@@ -32,12 +32,12 @@ class PrefixCache:
             model(input_ids=ids, past_key_values=self.cache, use_cache=True)
         self._saved = [dict(vars(layer)) for layer in self.cache.layers]
 
-    def forward(self, ids: list[int]):
-        """Logits [len(ids), V] for the prefix followed by `ids`; the cache is rolled back after."""
+    def forward(self, ids: list[int], keep: int):
+        """Logits [keep, V] of the last `keep` positions of prefix + `ids`; the cache is rolled back after."""
         try:
             with torch.no_grad():
                 out = self.model(input_ids=torch.tensor([ids], device=self.model.device), past_key_values=self.cache,
-                                 use_cache=True)
+                                 use_cache=True, logits_to_keep=keep)
             return out.logits[0].float()
         finally:
             for layer, saved in zip(self.cache.layers, self._saved):
@@ -63,19 +63,20 @@ def score_query(model, cache: PrefixCache, query_ids: list[int], options: list[l
     chunk = q + [options[0][0]] if record == "answer" else q
     rec = len(chunk) - 1
     n_layers = model.config.num_hidden_layers
+    keep = len(chunk) - (len(q) - 1)  # logits from the prediction position on: the LM head skips the rest
     if do_capture:
         with capture(model, rec) as cap:
-            logits = cache.forward(chunk)
+            logits = cache.forward(chunk, keep)
         attn_out, scores = cap.stacked(n_layers)
     else:
-        logits, attn_out, scores = cache.forward(chunk), None, None
-    first = torch.log_softmax(logits[len(q) - 1], dim=-1)
+        logits, attn_out, scores = cache.forward(chunk, keep), None, None
+    first = torch.log_softmax(logits[0], dim=-1)
     option_scores = []
     for opt in options:
         if len(opt) == 1:
             option_scores.append(first[opt[0]].item())
             continue
-        lp = torch.log_softmax(cache.forward(q + opt[:-1])[len(q) - 1:], dim=-1)
+        lp = torch.log_softmax(cache.forward(q + opt[:-1], len(opt)), dim=-1)
         option_scores.append(lp[torch.arange(len(opt)), torch.tensor(opt)].mean().item())
     pred = max(range(len(options)), key=lambda i: option_scores[i])
     return Scored(pred, option_scores, attn_out, scores)
@@ -86,11 +87,11 @@ def score_full(model, prefix_ids, query_ids, options, record="prediction", do_ca
     Used by tests and the prefix-cache benchmark as the reference."""
 
     class NoReuse:
-        def forward(self, ids):
+        def forward(self, ids, keep):
             full = list(prefix_ids) + list(ids)
             with torch.no_grad():
-                out = model(input_ids=torch.tensor([full], device=model.device), use_cache=False)
-            return out.logits[0, len(prefix_ids):].float()
+                out = model(input_ids=torch.tensor([full], device=model.device), use_cache=False, logits_to_keep=keep)
+            return out.logits[0].float()
 
     if not do_capture:
         return score_query(model, NoReuse(), query_ids, options, record, False)
