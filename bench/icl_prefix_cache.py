@@ -13,19 +13,20 @@ import argparse
 
 from common import agnews_setup, median, timed
 
-from icl_scale.methods.evaluate import PrefixCache, score_full, score_query
+from icl_scale.methods.evaluate import PrefixCache, score_batch, score_full, score_query
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--queries", type=int, default=12)
+    ap.add_argument("--queries", type=int, default=16)
     ap.add_argument("--data-dir", default="../shared/data")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--max-length", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=8, help="queries per forward in the batched run")
     args = ap.parse_args()
     model, enc, prompt, rows = agnews_setup(args.data_dir, args.queries, args.model, args.max_length)
     build, cache = timed(lambda: PrefixCache(model, prompt.prefix_ids))
-    cached, full, ref, same = [], [], [], 0
+    cached, full, ref, same, preds = [], [], [], 0, []
     qlens = []
     for row in rows:
         q = enc.input_ids(row)
@@ -37,12 +38,25 @@ def main():
         full.append(t2)
         ref.append(t3)
         same += a.pred == b.pred
+        preds.append(b.pred)
+    # as the runner does: queries sorted by length so a batch pads little
+    order = sorted(range(len(rows)), key=lambda i: len(enc.input_ids(rows[i])))
+    queries = [enc.input_ids(rows[i]) for i in order]
+    preds = [preds[i] for i in order]
+    batched, batch_preds = [], []
+    for i in range(0, len(queries), args.batch):
+        t, out = timed(lambda: score_batch(model, cache, queries[i:i + args.batch], enc.options(), do_capture=False))
+        batched.append(t / len(queries[i:i + args.batch]))
+        batch_preds += [s.pred for s in out]
     print(f"prefix {len(prompt.prefix_ids)} tokens (K={prompt.k_effective}), queries median {median(qlens)} tokens, "
           f"{len(rows)} queries; prefix built once in {build:.3f}s")
     print(f"median s/query: prefix reuse {median(cached):.4f}, full recompute {median(full):.4f}, "
           f"full recompute with all logits {median(ref):.4f}")
     print(f"prefix reuse speed-up = {median(full) / median(cached):.1f}x over full recompute, "
           f"{median(ref) / median(cached):.1f}x over reference-style recompute (same predictions: {same}/{len(rows)})")
+    print(f"prefix reuse, batches of {args.batch}: {median(batched):.4f} s/query, speed-up = "
+          f"{median(full) / median(batched):.1f}x over full recompute, {median(ref) / median(batched):.1f}x over "
+          f"reference-style (same predictions: {sum(map(int.__eq__, preds, batch_preds))}/{len(rows)})")
 
 
 def reference_style(model, prefix_ids, q):

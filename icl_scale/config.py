@@ -61,13 +61,15 @@ class EvalConfig:
                                 "predicts the answer, or the first answer token (the reference's choice)",
                                 choices=("prediction", "answer"))
     capture: bool = knob(True, "record per-layer attention outputs and pre-softmax scores")
+    batch_size: int = knob(8, "queries per forward after the cached prefix (left-padded; results agree with "
+                           "one at a time to float rounding)", result=False)
 
 
 @dataclass(frozen=True)
 class OutputConfig:
     run_dir: str = knob("runs/default", "run directory (config, shards, logs)", result=False)
     report_dir: str = knob("reports", "where <run>.md is written", result=False)
-    shard_mb: float = knob(64.0, "flush a shard once its records reach this many MiB", result=False)
+    shard_mb: float = knob(16.0, "flush a shard once its records reach this many MiB", result=False)
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,8 @@ def validate(cfg: RunConfig) -> None:
             raise UserError(f"config field data.task_sources: {item!r} is not <task>=<offline|hub|files>")
     if cfg.model.max_length < 8:
         raise UserError(f"config field model.max_length: {cfg.model.max_length} is too small")
+    if cfg.eval.batch_size < 1:
+        raise UserError(f"config field eval.batch_size: {cfg.eval.batch_size} must be >= 1")
     if not cfg.eval.methods:
         raise UserError("config field eval.methods: no method given")
     if cfg.output.shard_mb <= 0:

@@ -15,9 +15,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from icl_scale import config as C
 from icl_scale.capture.shards import ShardWriter, done_ids
-from icl_scale.methods.evaluate import PrefixCache, score_query
+from icl_scale.methods.evaluate import PrefixCache, score_batch
 from icl_scale.modeling.load import load_model, max_positions
 from icl_scale.prompts import Encoder, Prompt, fit_prompt, zsl_prompt
 from icl_scale.runtime import dist, rundir
@@ -73,11 +75,15 @@ def evaluate_job(cfg, model, job: Job, setting: str, run_dir: Path, h: str, stat
     if todo:
         cache = PrefixCache(model, job.prompts[setting].prefix_ids)
         options = job.enc.options()
-        for row in todo:
-            s = score_query(model, cache, job.enc.input_ids(row), options, cfg.eval.record_position, cfg.eval.capture)
-            writer.add({"id": row["id"], "gold": row["label"], "pred": s.pred, "option_scores": s.option_scores,
-                        "attn_out": s.attn_out, "scores": s.scores})
-            progress.advance()
+        queries = sorted(((job.enc.input_ids(r), r) for r in todo), key=lambda qr: len(qr[0]))  # less padding
+        for i in range(0, len(queries), cfg.eval.batch_size):
+            batch = queries[i:i + cfg.eval.batch_size]
+            scored = score_batch(model, cache, [q for q, _ in batch], options, cfg.eval.record_position,
+                                 cfg.eval.capture)
+            for (_, row), s in zip(batch, scored):
+                writer.add({"id": row["id"], "gold": row["label"], "pred": s.pred, "option_scores": s.option_scores,
+                            "attn_out": s.attn_out, "scores": s.scores})
+            progress.advance(len(batch))
     writer.close(expected=len(share))
     log.info("job %s/%s seed %d: %d done now, %d before", job.task, setting, job.seed, len(todo), len(share) - len(todo))
 
@@ -92,6 +98,10 @@ def run(cfg: C.RunConfig) -> Path | None:
     jobs = plan(cfg, tok, max_positions(model))
     h = C.config_hash(cfg)
     if state.is_main_process:
+        from rich.console import Console
+        from rich.syntax import Syntax
+
+        Console(stderr=True).print(Syntax(yaml.safe_dump(C.to_dict(cfg), sort_keys=False) + f"# config hash {h}\n", "yaml"))
         rundir.check_or_save_config(cfg, run_dir)
         rundir.remove_orphans(run_dir)
         for job in jobs:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from icl_scale.methods.evaluate import PrefixCache, score_full, score_query
+from icl_scale.methods.evaluate import PrefixCache, score_batch, score_full, score_query
 from icl_scale.modeling.capture import attention_modules, capture
 from icl_scale.modeling.load import load_model
 from icl_scale.prompts import Encoder, fit_prompt, zsl_prompt
@@ -12,7 +12,7 @@ from icl_scale.tasks import get_task
 from icl_scale.tasks.sources import load_source
 from icl_scale.tasks.split import split_task
 
-MODELS = ["tiny-gpt2", "tiny-llama"]
+MODELS = ["tiny-gpt2", "tiny-llama", "tiny-opt", "tiny-neox", "tiny-gemma3"]
 
 
 def eager_twin(model):
@@ -23,18 +23,20 @@ def eager_twin(model):
 
 
 def out_proj(attn):
-    return attn.o_proj if hasattr(attn, "o_proj") else attn.c_proj
+    for name in ("o_proj", "c_proj", "out_proj", "dense"):
+        if hasattr(attn, name):
+            return getattr(attn, name)
 
 
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_scores_softmax_to_eager_probabilities(name, attn):
     model, tok = load_model(name, attn)
-    ids = torch.tensor([tok.encode("Sentence: a moving and funny film Label:")])
+    ids = torch.tensor([tok.encode("Sentence: a moving film Label:")])  # shorter than gemma3's window
     pos = ids.shape[1] - 1
     with capture(model, pos) as cap, torch.no_grad():
         model(input_ids=ids)
-    out, scores = cap.stacked(model.config.num_hidden_layers)
+    out, scores = (t[0] for t in cap.stacked(model.config.num_hidden_layers))
     twin = eager_twin(model)
     seen = {}
     handles = [out_proj(a).register_forward_hook(lambda m, i, o, l=a.layer_idx: seen.__setitem__(l, o[0, pos]))
@@ -56,8 +58,8 @@ def test_scores_after_cached_prefix_are_the_query_columns(name):
     query = tok.encode("Sentence: bright Label:")
     cache = PrefixCache(model, prefix)
     with capture(model, len(query) - 1) as cap:
-        cache.forward(query)
-    _, scores = cap.stacked(model.config.num_hidden_layers)
+        cache.forward([query], 1)
+    scores = cap.stacked(model.config.num_hidden_layers)[1][0]
     with torch.no_grad():
         probs = eager_twin(model)(input_ids=torch.tensor([prefix + query]), output_attentions=True).attentions
     for layer in range(model.config.num_hidden_layers):
@@ -106,3 +108,23 @@ def test_multi_token_option_score_is_mean_log_softmax():
         want = sum(lp[start - 1 + j, t].item() for j, t in enumerate(opt)) / len(opt)
         assert abs(s - want) < 1e-5
     assert got.pred == max(range(2), key=lambda i: got.option_scores[i])
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("record", ["prediction", "answer"])
+def test_batched_queries_match_one_at_a_time(name, attn, record, cb_rows):
+    spec, split = cb_rows
+    model, tok = load_model(name, attn)
+    enc = Encoder(spec, tok)
+    prompt = fit_prompt(enc, split.demos, split.eval_full, 1500)
+    cache = PrefixCache(model, prompt.prefix_ids)
+    queries = [enc.input_ids(r) for r in split.eval]
+    assert len({len(q) for q in queries}) > 1  # different lengths: padding is exercised
+    batched = score_batch(model, cache, queries, enc.options(), record)
+    for q, a in zip(queries, batched):
+        b = score_query(model, cache, q, enc.options(), record)
+        assert a.pred == b.pred
+        torch.testing.assert_close(torch.tensor(a.option_scores), torch.tensor(b.option_scores), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.attn_out, b.attn_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=1e-5)

@@ -97,3 +97,22 @@ def test_empty_split(tmp_path):
     empty.write_text("")
     with pytest.raises(UserError, match="e.jsonl"):
         read_table(get_task("cb"), empty)
+
+
+def test_hub_source_maps_columns_and_splits(monkeypatch):
+    """The hub path with datasets.load_dataset answered locally (no hub here)."""
+    import datasets
+
+    calls = []
+
+    def fake_load(path, name=None, split=None):
+        calls.append((path, name, split))
+        n = 3 if split == "train" else 2
+        return datasets.Dataset.from_dict({"sentence": [f"{split} text {i}" for i in range(n)], "label": [0, 1, 1][:n],
+                                           "idx": list(range(n))})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    src = load_source(get_task("sst2"), "hub", "", "")
+    assert calls == [("glue", "sst2", "train"), ("glue", "sst2", "validation")]
+    assert [r["text"] for r in src.eval] == ["validation text 0", "validation text 1"] and src.train[2]["label"] == 1
+    assert src.description == "hub:glue/sst2"

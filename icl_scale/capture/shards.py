@@ -87,8 +87,12 @@ class ShardWriter:
 
     def add(self, rec: dict) -> None:
         """rec: id, gold, pred, option_scores (list), and attn_out [L, d] / scores [L, H, n] or None."""
+        rec = dict(rec)
+        for key in ("attn_out", "scores"):  # buffered as stored: fp16
+            if rec.get(key) is not None:
+                rec[key] = rec[key].to(torch.float16)
         self.buf.append(rec)
-        self.nbytes += 64 + sum(2 * t.numel() for t in (rec.get("attn_out"), rec.get("scores")) if t is not None)
+        self.nbytes += 64 + sum(t.nbytes for t in (rec.get("attn_out"), rec.get("scores")) if t is not None)
         if self.nbytes >= self.max_bytes:
             self.flush()
 

@@ -1,9 +1,11 @@
 """Scoring with a cached prefix (DESIGN.md §2.2, §2.6).
 
-The prefix (<bos>, plus the demonstrations for ICL) is run once; each query then extends its KV
-cache and the cache is rolled back to the prefix. transformers' dynamic caches grow by
-concatenation (never in place), so rolling back is restoring each layer's saved attributes: no
-per-query copy.
+The prefix (<bos>, plus the demonstrations for ICL) is run once; each batch of queries then
+extends its KV cache and the cache is rolled back to the prefix. transformers' dynamic caches grow
+by concatenation (never in place), so rolling back is restoring each layer's saved attributes: no
+per-query copy. Queries of a batch are left-padded so they all end on the same position (one
+logits row each, one capture position); padded slots are masked out of attention and get no
+position, so a query scores the same alone or in a batch.
 
 Option score = mean log-softmax (full vocabulary) of the option's answer tokens; prediction =
 argmax. Single-token options are all read from the query forward; a multi-token option gets one
@@ -31,18 +33,36 @@ class PrefixCache:
         with torch.no_grad():
             model(input_ids=ids, past_key_values=self.cache, use_cache=True)
         self._saved = [dict(vars(layer)) for layer in self.cache.layers]
+        # A sliding window counts cache slots, padded ones included: such models score one query at a time.
+        self.max_batch = 1 if any(getattr(layer, "is_sliding", False) for layer in self.cache.layers) else None
 
-    def forward(self, ids: list[int], keep: int):
-        """Logits [keep, V] of the last `keep` positions of prefix + `ids`; the cache is rolled back after."""
+    def _restore(self, batch: int) -> None:
+        for layer, saved in zip(self.cache.layers, self._saved):
+            vars(layer).clear()
+            vars(layer).update(saved)
+            if batch > 1 and getattr(layer, "keys", None) is not None and layer.keys.dim() == 4:
+                layer.keys = layer.keys.expand(batch, -1, -1, -1)
+                layer.values = layer.values.expand(batch, -1, -1, -1)
+
+    def forward(self, chunks: list[list[int]], keep: int) -> torch.Tensor:
+        """Logits [B, keep, V] of the last `keep` positions of prefix + each (left-padded) chunk."""
+        dev, P = self.model.device, self.length
+        T = max(len(c) for c in chunks)
+        pads = torch.tensor([T - len(c) for c in chunks], device=dev)
+        ids = torch.tensor([[c[0]] * (T - len(c)) + list(c) for c in chunks], device=dev)
+        kwargs = {}
+        if pads.any():
+            col = torch.arange(T, device=dev)[None]
+            kwargs["attention_mask"] = torch.cat([torch.ones(len(chunks), P, dtype=torch.long, device=dev),
+                                                  (col >= pads[:, None]).long()], dim=1)
+            kwargs["position_ids"] = P + (col - pads[:, None]).clamp(min=0)
+        self._restore(len(chunks))
         try:
             with torch.no_grad():
-                out = self.model(input_ids=torch.tensor([ids], device=self.model.device), past_key_values=self.cache,
-                                 use_cache=True, logits_to_keep=keep)
-            return out.logits[0].float()
+                out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=keep, **kwargs)
+            return out.logits.float()
         finally:
-            for layer, saved in zip(self.cache.layers, self._saved):
-                vars(layer).clear()
-                vars(layer).update(saved)
+            self._restore(1)
 
 
 @dataclass
@@ -53,56 +73,70 @@ class Scored:
     scores: torch.Tensor | None = None     # [L, H, n_query]
 
 
-def score_query(model, cache: PrefixCache, query_ids: list[int], options: list[list[int]],
-                record: str = "prediction", do_capture: bool = True) -> Scored:
-    """Score every option after the cached prefix and, optionally, capture at the recording position.
-
-    record="prediction": the last query token (the position that predicts the answer);
-    record="answer": the first option's first answer token (the reference's choice)."""
-    q = list(query_ids)
-    chunk = q + [options[0][0]] if record == "answer" else q
-    rec = len(chunk) - 1
-    n_layers = model.config.num_hidden_layers
-    keep = len(chunk) - (len(q) - 1)  # logits from the prediction position on: the LM head skips the rest
+def score_batch(model, cache, queries: list[list[int]], options: list[list[int]],
+                record: str = "prediction", do_capture: bool = True) -> list[Scored]:
+    """Score every option of every query after the cached prefix and, optionally, capture at the
+    recording position: the last query token (the position that predicts the answer), or with
+    record="answer" the first option's first answer token (the reference's choice)."""
+    step = getattr(cache, "max_batch", None)
+    if step and len(queries) > step:
+        return [s for i in range(0, len(queries), step)
+                for s in score_batch(model, cache, queries[i:i + step], options, record, do_capture)]
+    extra = 1 if record == "answer" else 0
+    chunks = [list(q) + [options[0][0]] * extra for q in queries]
+    T = max(len(c) for c in chunks)
+    keep = 1 + extra  # logits from the prediction position on: the LM head skips the rest
     if do_capture:
-        with capture(model, rec) as cap:
-            logits = cache.forward(chunk, keep)
-        attn_out, scores = cap.stacked(n_layers)
+        with capture(model, T - 1) as cap:
+            logits = cache.forward(chunks, keep)
+        attn_out, scores = cap.stacked(model.config.num_hidden_layers)
     else:
-        logits, attn_out, scores = cache.forward(chunk, keep), None, None
-    first = torch.log_softmax(logits[0], dim=-1)
-    option_scores = []
-    for opt in options:
-        if len(opt) == 1:
-            option_scores.append(first[opt[0]].item())
-            continue
-        lp = torch.log_softmax(cache.forward(q + opt[:-1], len(opt)), dim=-1)
-        option_scores.append(lp[torch.arange(len(opt)), torch.tensor(opt)].mean().item())
-    pred = max(range(len(options)), key=lambda i: option_scores[i])
-    return Scored(pred, option_scores, attn_out, scores)
+        logits = cache.forward(chunks, keep)
+    first = torch.log_softmax(logits[:, 0], dim=-1)
+    out = []
+    for b, q in enumerate(queries):
+        option_scores = []
+        for opt in options:
+            if len(opt) == 1:
+                option_scores.append(first[b, opt[0]].item())
+                continue
+            lp = torch.log_softmax(cache.forward([list(q) + opt[:-1]], len(opt))[0], dim=-1)
+            option_scores.append(lp[torch.arange(len(opt)), torch.tensor(opt)].mean().item())
+        pred = max(range(len(options)), key=lambda i: option_scores[i])
+        s = Scored(pred, option_scores)
+        if do_capture:  # the row's own tokens are the last len(chunk) of the padded chunk
+            s.attn_out, s.scores = attn_out[b], scores[b, ..., T - len(chunks[b]):]
+        out.append(s)
+    return out
+
+
+def score_query(model, cache, query_ids, options, record="prediction", do_capture=True) -> Scored:
+    return score_batch(model, cache, [list(query_ids)], options, record, do_capture)[0]
+
+
+class FullRecompute:
+    """The same interface as PrefixCache with no reuse: every forward runs prefix + chunk whole.
+    The reference for tests and the prefix-cache benchmark."""
+
+    def __init__(self, model, prefix_ids):
+        self.model, self.prefix = model, list(prefix_ids)
+
+    def forward(self, chunks, keep):
+        assert len(chunks) == 1
+        with torch.no_grad():
+            ids = torch.tensor([self.prefix + list(chunks[0])], device=self.model.device)
+            return self.model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits.float()
 
 
 def score_full(model, prefix_ids, query_ids, options, record="prediction", do_capture=True) -> Scored:
-    """The same scoring with no cache reuse: every forward recomputes the whole sequence.
-    Used by tests and the prefix-cache benchmark as the reference."""
-
-    class NoReuse:
-        def forward(self, ids, keep):
-            full = list(prefix_ids) + list(ids)
-            with torch.no_grad():
-                out = model(input_ids=torch.tensor([full], device=model.device), use_cache=False, logits_to_keep=keep)
-            return out.logits[0].float()
-
-    if not do_capture:
-        return score_query(model, NoReuse(), query_ids, options, record, False)
-    # capture positions are chunk-relative; here the chunk is the whole sequence, so shift them
-    q = list(query_ids)
-    chunk = q + [options[0][0]] if record == "answer" else q
-    full = list(prefix_ids) + chunk
-    with capture(model, len(full) - 1) as cap:
-        with torch.no_grad():
-            model(input_ids=torch.tensor([full], device=model.device), use_cache=False)
-    attn_out, scores = cap.stacked(model.config.num_hidden_layers)
-    res = score_query(model, NoReuse(), query_ids, options, record, False)
-    res.attn_out, res.scores = attn_out, scores[..., len(prefix_ids):]
+    """score_query with the whole sequence recomputed; captured scores keep the query columns."""
+    full = FullRecompute(model, prefix_ids)
+    res = score_query(model, full, query_ids, options, record, do_capture=False)
+    if do_capture:
+        chunk = list(query_ids) + [options[0][0]] * (record == "answer")
+        seq = list(prefix_ids) + chunk
+        with capture(model, len(seq) - 1) as cap, torch.no_grad():
+            model(input_ids=torch.tensor([seq], device=model.device), use_cache=False, logits_to_keep=1)
+        attn_out, scores = cap.stacked(model.config.num_hidden_layers)
+        res.attn_out, res.scores = attn_out[0], scores[0, ..., len(prefix_ids):]
     return res

@@ -1,9 +1,9 @@
 """Named, scoped capture points shared by every method.
 
 Points (per eval example, at the recording position `pos` of the forward chunk):
-    blocks.{l}.attn.out     [d_model]          attention block output (after the output
+    blocks.{l}.attn.out     [B, d_model]       attention block output (after the output
                                                projection, before the residual add)
-    blocks.{l}.attn.scores  [n_heads, pos+1]   pre-softmax scores q·kᵀ·scaling of `pos` against
+    blocks.{l}.attn.scores  [B, n_heads, pos+1] pre-softmax scores q·kᵀ·scaling of `pos` against
                                                the chunk's own tokens 0..pos (the query tokens;
                                                the cached demonstrations are excluded)
 
@@ -34,21 +34,21 @@ class Captured:
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def stacked(self, n_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """attn_out [L, d], scores [L, H, pos+1], both float32 on CPU."""
-        out = torch.stack([self.attn_out[l] for l in range(n_layers)]).float().cpu()
-        sc = torch.stack([self.scores[l] for l in range(n_layers)]).float().cpu()
+        """attn_out [B, L, d], scores [B, L, H, pos+1], both float32 on CPU."""
+        out = torch.stack([self.attn_out[l] for l in range(n_layers)], dim=1).float().cpu()
+        sc = torch.stack([self.scores[l] for l in range(n_layers)], dim=1).float().cpu()
         return out, sc
 
 
 def _record_scores(module, query, key, scaling, kwargs):
     cap = _ACTIVE
-    if cap is None or query.shape[0] != 1:
+    if cap is None:
         return
     n = query.shape[-2]
     pos = cap.pos
-    keys = key[0, :, key.shape[-2] - n: key.shape[-2] - n + pos + 1]   # the chunk's own keys 0..pos
-    keys = keys.repeat_interleave(query.shape[1] // key.shape[1], dim=0)  # grouped-query attention
-    s = torch.einsum("hd,hkd->hk", query[0, :, pos], keys) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    keys = key[:, :, key.shape[-2] - n: key.shape[-2] - n + pos + 1]   # the chunk's own keys 0..pos
+    keys = keys.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # grouped-query attention
+    s = torch.einsum("bhd,bhkd->bhk", query[:, :, pos], keys) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
     softcap = kwargs.get("softcap")
     if softcap:
         s = torch.tanh(s / softcap) * softcap
@@ -91,7 +91,7 @@ def capture(model, pos: int):
     for m in attention_modules(model):
         def hook(mod, args, output, _l=m.layer_idx):
             out = output[0] if isinstance(output, tuple) else output
-            cap.attn_out[_l] = out[0, pos].detach()
+            cap.attn_out[_l] = out[:, pos].detach()
         handles.append(m.register_forward_hook(hook))
     _ACTIVE = cap
     try:

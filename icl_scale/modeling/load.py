@@ -86,6 +86,9 @@ def load_model(name: str, attn: str = "sdpa", dtype: str = "float32", cache_dir:
             tok = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=impl, dtype=getattr(torch, dtype))
         except (OSError, ValueError) as e:
+            if "attention implementation" in str(e):
+                raise UserError(f"model {name!r}: its architecture does not support transformers' attention "
+                                f"interface, which the capture points need") from None
             raise UserError(f"unknown model {name!r}: not an offline alias ({', '.join(OFFLINE_MODELS)}), "
                             f"tiny model ({', '.join(TINY_MODELS)}), local dir or reachable hub id "
                             f"({first_line(e)})") from None

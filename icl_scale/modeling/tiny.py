@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import GPT2Config, LlamaConfig, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPTNeoXConfig, Gemma3TextConfig, LlamaConfig, OPTConfig, PreTrainedTokenizerFast
 
 SPECIALS = ("<bos>", "<eos>")
 
@@ -29,10 +29,21 @@ def tiny_config(name: str, vocab_size: int):
         return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                            bos_token_id=256, eos_token_id=257, tie_word_embeddings=False)
+    if name == "tiny-opt":
+        return OPTConfig(vocab_size=vocab_size, hidden_size=64, word_embed_proj_dim=64, num_hidden_layers=2,
+                         ffn_dim=128, num_attention_heads=4, max_position_embeddings=2048, dropout=0.0,
+                         attention_dropout=0.0, bos_token_id=256, eos_token_id=257, pad_token_id=1)
+    if name == "tiny-neox":
+        return GPTNeoXConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=128, max_position_embeddings=2048, bos_token_id=256, eos_token_id=257)
+    if name == "tiny-gemma3":  # one key/value head; sliding-window layers with a short window
+        return Gemma3TextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=32,
+                                max_position_embeddings=2048, bos_token_id=256, eos_token_id=257, pad_token_id=0)
     return None
 
 
-TINY_MODELS = ("tiny-gpt2", "tiny-llama")
+TINY_MODELS = ("tiny-gpt2", "tiny-llama", "tiny-opt", "tiny-neox", "tiny-gemma3")
 
 
 def build_tiny(name: str, attn: str, seed: int = 0):

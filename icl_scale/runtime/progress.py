@@ -41,6 +41,6 @@ class Progress:
         if self.bar:
             self.task = self.bar.add_task(f"rank 0 · {name}", total=total, completed=done)
 
-    def advance(self) -> None:
+    def advance(self, n: int = 1) -> None:
         if self.bar and self.task is not None:
-            self.bar.advance(self.task)
+            self.bar.advance(self.task, n)
