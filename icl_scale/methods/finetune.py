@@ -1,0 +1,124 @@
+"""Finetuning on the demonstrations (DESIGN.md §2.3–2.5): the loss of each method for one sequence.
+
+- standard:     mean token NLL of `<bos> input answer_gold` (input and answer tokens alike)
+- layer_causal: every decoder layer's input is detached; each layer's output goes through the
+                final norm and the LM head; the per-layer NLLs are summed, so layer l's
+                parameters get gradient from loss_l only
+- linearized:   f_lin(x; δ) = f(x; θ0) + J_θ f(x; θ0)·δ with δ on the trained parameters only.
+                (1) a no-grad forward-mode pass (tangent δ injected at the trained projections)
+                gives f0 and Jδ; (2) an ordinary forward at θ0 is made to carry the value f_lin
+                and the gradient Jᵀ·∂L/∂f. The backward then leaves ∂L/∂δ in the θ0 parameters'
+                .grad, which the optimizer applies to δ, never to θ0.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from icl_scale.modeling.params import Trained, decoder_layers, final_norm
+
+METHODS = ("ft", "ft_lc", "ft_lin")
+
+
+def sequence_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean NLL of ids[1:] given logits[:-1] (logits [1, T, V], ids [1, T])."""
+    return F.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+
+
+def standard_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    return sequence_nll(model(input_ids=ids).logits, ids)
+
+
+@contextmanager
+def layer_causal(model):
+    """Detach every decoder layer's input; yield the list that collects each layer's output."""
+    outputs: list[torch.Tensor] = []
+
+    def detach_input(mod, args, kwargs):
+        if args:
+            return (args[0].detach(), *args[1:]), kwargs
+        return args, kwargs | {"hidden_states": kwargs["hidden_states"].detach()}
+
+    def keep_output(mod, args, kwargs, out):
+        outputs.append(out[0] if isinstance(out, tuple) else out)
+
+    handles = []
+    for layer in decoder_layers(model):
+        handles.append(layer.register_forward_pre_hook(detach_input, with_kwargs=True))
+        handles.append(layer.register_forward_hook(keep_output, with_kwargs=True))
+    try:
+        yield outputs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def layer_causal_loss(model, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(summed loss, per-layer losses)."""
+    norm, head = final_norm(model), model.get_output_embeddings()
+    with layer_causal(model) as outs:
+        model.base_model(input_ids=ids)
+    losses = [sequence_nll(head(norm(h)), ids) for h in outs]
+    return torch.stack(losses).sum(), losses
+
+
+# ---- linearization -------------------------------------------------------------------------
+
+def _owner(model, name_in_model: str):
+    mod_name, _, attr = name_in_model.rpartition(".")
+    return model.get_submodule(mod_name), attr
+
+
+@contextmanager
+def tangents(model, trained: list[Trained], deltas: list[torch.Tensor]):
+    """Inside a forward-AD dual level, add J_θ·δ of every trained projection to its output's
+    tangent, for whatever weight storage the module uses (ZeRO-3 gathers inside its forward).
+    Fused attention kernels have no forward-mode AD: SDPA runs its math backend here."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_module: dict[int, tuple[torch.nn.Module, dict]] = {}
+    for t, d in zip(trained, deltas):
+        mod, attr = _owner(model, names[id(t.param)])
+        by_module.setdefault(id(mod), (mod, {}))[1][attr] = d
+
+    def hook(mod, args, out, _d=None):
+        d = by_module[id(mod)][1]
+        x = fwAD.unpack_dual(args[0]).primal
+        w, b = d.get("weight"), d.get("bias")
+        if type(mod).__name__ == "Conv1D":  # GPT-2: x @ W + b, W [in, out]
+            extra = x @ w if w is not None else 0
+        else:
+            extra = F.linear(x, w) if w is not None else 0
+        if b is not None:
+            extra = extra + b
+        primal, tangent = fwAD.unpack_dual(out)
+        return fwAD.make_dual(primal, extra if tangent is None else tangent + extra)
+
+    with ExitStack() as stack:
+        stack.enter_context(fwAD.dual_level())
+        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        handles = [mod.register_forward_hook(hook) for mod, _ in by_module.values()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def linearized_logits(model, trained, deltas, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    """f(x; θ0) + J·δ (no graph)."""
+    with torch.no_grad(), tangents(model, trained, deltas):
+        out = model(input_ids=ids, **kwargs).logits
+        primal, tangent = fwAD.unpack_dual(out)
+        return primal + tangent if tangent is not None else primal.clone()
+
+
+def linearized_loss(model, trained, deltas, ids: torch.Tensor) -> torch.Tensor:
+    f_lin = linearized_logits(model, trained, deltas, ids)
+    f0 = model(input_ids=ids).logits
+    carried = f0 + (f_lin - f0).detach()  # value f_lin, gradient through f0: Jᵀ·∂L/∂f at θ0
+    return sequence_nll(carried, ids)

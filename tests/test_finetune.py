@@ -1,0 +1,136 @@
+"""Finetuning math: what standard FT trains, layer-causal gradient isolation, and the lean
+linearized gradient against a direct reverse-mode-through-JVP computation."""
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from icl_scale.methods.finetune import (layer_causal_loss, linearized_logits, linearized_loss, sequence_nll,
+                                        standard_loss)
+from icl_scale.modeling.load import load_model
+from icl_scale.modeling.params import trained_params
+
+MODELS = ["tiny-gpt2", "tiny-llama", "tiny-neox", "tiny-opt"]
+
+
+def ids_of(tok, text="Sentence: a fine film Label: Positive"):
+    return torch.tensor([[tok.bos_token_id] + tok.encode(text)])
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_standard_ft_changes_kv_in_every_layer_and_nothing_else(name):
+    model, tok = load_model(name, "eager")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trained = trained_params(model, "kv")
+    opt = torch.optim.SGD([t.param for t in trained], lr=0.5)
+    for text in ("Sentence: dull Label: Negative", "Sentence: bright Label: Positive"):
+        standard_loss(model, ids_of(tok, text)).backward()
+        opt.step()
+        opt.zero_grad()
+    changed_layers = set()
+    for n, p in model.named_parameters():
+        diff = (p.detach() != before[n])
+        is_kv = any(k in n for k in ("k_proj", "v_proj", "c_attn", "query_key_value"))
+        if not is_kv:
+            assert not diff.any(), f"{n} changed"
+            continue
+        if "c_attn" in n:  # GPT-2 fused [q | k | v] columns: q fixed, k and v trained
+            d = p.shape[-1] // 3
+            assert not diff[..., :d].any() and diff[..., d:].any(), n
+        elif "query_key_value" in n:  # NeoX fused rows per head (q, k, v)
+            h = model.config.num_attention_heads
+            per = diff.view(h, 3, -1, *p.shape[1:])
+            assert not per[:, 0].any() and per[:, 1].any() and per[:, 2].any(), n
+        else:
+            assert diff.any(), n
+        changed_layers.add(n.split("layers.")[-1].split(".")[0] if "layers." in n else n.split("h.")[-1].split(".")[0])
+    assert len(changed_layers) == model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_layer_causal_gradient_of_layer_l_comes_from_loss_l_only(name):
+    model, tok = load_model(name, "eager")
+    trained = trained_params(model, "kv")
+    ids = ids_of(tok)
+    L = model.config.num_hidden_layers
+    total, losses = layer_causal_loss(model, ids)
+    assert len(losses) == L
+    grads_sum = torch.autograd.grad(total, [t.param for t in trained])
+    for l in range(L):
+        _, losses = layer_causal_loss(model, ids)
+        g = torch.autograd.grad(losses[l], [t.param for t in trained], allow_unused=True)
+        for t, gl, gs in zip(trained, g, grads_sum):
+            if t.layer == l:
+                assert gl is not None and gl.abs().sum() > 0
+                torch.testing.assert_close(gl, gs, atol=1e-6, rtol=1e-5)  # nothing else reaches layer l
+            else:
+                assert gl is None or gl.abs().sum() == 0
+    # the last layer's loss is the ordinary loss
+    torch.testing.assert_close(losses[-1], standard_loss(model, ids), atol=1e-5, rtol=1e-5)
+
+
+def deltas_like(trained, scale, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for t in trained:
+        d = torch.randn(t.param.shape, generator=g, dtype=t.param.dtype) * scale
+        out.append(d * t.mask if t.mask is not None else d)
+    return out
+
+
+def reference_linearized_grad(model, trained, deltas, ids):
+    """Reverse mode through a JVP over the parameters (the reference's way), in one autograd graph."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    ds = [d.clone().requires_grad_(True) for d in deltas]
+    with fwAD.dual_level(), sdpa_kernel([SDPBackend.MATH]):
+        params = {names[id(t.param)]: fwAD.make_dual(t.param.detach(), d) for t, d in zip(trained, ds)}
+        out = functional_call(model, params, (ids,))
+        primal, tangent = fwAD.unpack_dual(out.logits)
+        loss = sequence_nll(primal + tangent, ids)
+    return torch.autograd.grad(loss, ds)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_lean_linearized_gradient_equals_reverse_through_jvp_float64(name):
+    # SDPA's math backend: the eager paths of some models run their softmax in float32
+    model, tok = load_model(name, "sdpa", dtype="float64")
+    trained = trained_params(model, "kv")
+    ids = ids_of(tok)
+    deltas = deltas_like(trained, 0.05)
+    with sdpa_kernel([SDPBackend.MATH]):
+        loss = linearized_loss(model, trained, deltas, ids)
+        lean = torch.autograd.grad(loss, [t.param for t in trained])
+    lean = [g * t.mask if t.mask is not None else g for g, t in zip(lean, trained)]
+    ref = reference_linearized_grad(model, trained, deltas, ids)
+    ref = [g * t.mask if t.mask is not None else g for g, t in zip(ref, trained)]  # δ lives on k/v parts only
+    num = sum(((a - b) ** 2).sum() for a, b in zip(lean, ref)).sqrt()
+    den = sum((b ** 2).sum() for b in ref).sqrt()
+    assert den > 0 and (num / den).item() <= 1e-10
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-neox"])  # smooth activations (OPT's ReLU has kinks)
+def test_linearization_is_exact_at_zero_and_second_order(name):
+    model, tok = load_model(name, "eager", dtype="float64")
+    trained = trained_params(model, "kv")
+    ids = ids_of(tok)
+    with torch.no_grad():
+        f0 = model(input_ids=ids).logits
+    zero = [torch.zeros_like(t.param) for t in trained]
+    assert torch.equal(linearized_logits(model, trained, zero, ids), f0)
+    direction = deltas_like(trained, 1.0, seed=1)
+    errors = []
+    for eps in (1e-3, 5e-4, 2.5e-4):
+        step = [eps * d for d in direction]
+        f_lin = linearized_logits(model, trained, step, ids)
+        with torch.no_grad():
+            for t, d in zip(trained, step):
+                t.param.add_(d)
+            f_true = model(input_ids=ids).logits
+            for t, d in zip(trained, step):
+                t.param.sub_(d)
+        errors.append((f_true - f_lin).abs().max().item())
+    # halving ε divides the error by 4 (ε²), not by 2 (which a wrong tangent would give)
+    for a, b in zip(errors, errors[1:]):
+        assert 3.5 < a / b < 4.5, errors
