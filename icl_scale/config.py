@@ -56,13 +56,29 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    methods: tuple[str, ...] = knob(("zsl", "icl"), "evaluation settings", choices=("zsl", "icl"))
+    methods: tuple[str, ...] = knob(("zsl", "icl"), "settings: zsl, icl, and the finetuned model evaluated "
+                                    "zero-shot after standard (ft), layer-causal (ft_lc) or linearized (ft_lin) FT",
+                                    choices=("zsl", "icl", "ft", "ft_lc", "ft_lin"))
     record_position: str = knob("prediction", "where activations are recorded: the position that "
                                 "predicts the answer, or the first answer token (the reference's choice)",
                                 choices=("prediction", "answer"))
     capture: bool = knob(True, "record per-layer attention outputs and pre-softmax scores")
     batch_size: int = knob(8, "queries per forward after the cached prefix (left-padded; results agree with "
                            "one at a time to float rounding)", result=False)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    train: str = knob("kv", "trained parameters: attention key/value projections (the study), all attention "
+                      "projections, or everything", choices=("kv", "attn", "all"))
+    optimizer: str = knob("sgd", "plain SGD (the study) or AdamW, both without weight decay", choices=("sgd", "adamw"))
+    lrs: tuple[str, ...] = knob((), "per-task learning-rate overrides, e.g. sst2=1e-3,cb=0.05 (default: the "
+                                "reference's per-task rates)")
+    demos: str = knob("icl", "train on the demonstrations the ICL prompt fitted (icl) or on all k drawn (all)",
+                      choices=("icl", "all"))
+    clip: str = knob("none", "gradient clipping of the trained parameters",
+                     choices=("none", "global_l2", "layer_l2", "elem_linf"))
+    clip_value: float = knob(1.0, "clipping threshold (L2 norm, or |element| for elem_linf)")
 
 
 @dataclass(frozen=True)
@@ -77,11 +93,12 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
-_SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "eval": EvalConfig, "output": OutputConfig}
+_SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "eval": EvalConfig, "finetune": FinetuneConfig,
+                  "output": OutputConfig}
 
 
 def leaves():
@@ -173,6 +190,16 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"config field eval.batch_size: {cfg.eval.batch_size} must be >= 1")
     if not cfg.eval.methods:
         raise UserError("config field eval.methods: no method given")
+    for item in cfg.finetune.lrs:
+        task, _, value = item.partition("=")
+        try:
+            ok = task in ALL_TASKS and float(value) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise UserError(f"config field finetune.lrs: {item!r} is not <task>=<learning rate > 0>")
+    if cfg.finetune.clip_value <= 0:
+        raise UserError(f"config field finetune.clip_value: {cfg.finetune.clip_value} must be > 0")
     if cfg.output.shard_mb <= 0:
         raise UserError(f"config field output.shard_mb: {cfg.output.shard_mb} must be > 0")
 
@@ -183,6 +210,14 @@ def source_for(cfg: RunConfig, task: str) -> str:
         if name == task:
             return src
     return cfg.data.source
+
+
+def lr_for(cfg: RunConfig, task: str, default: float) -> float:
+    for item in cfg.finetune.lrs:
+        name, _, value = item.partition("=")
+        if name == task:
+            return float(value)
+    return default
 
 
 def load(path: str | None, overrides: dict | None = None) -> RunConfig:

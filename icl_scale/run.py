@@ -1,4 +1,4 @@
-"""The main job: plan → jobs → evaluate → shards → report.
+"""The main job: plan → jobs → (finetune) → evaluate → shards → report.
 
     ACCELERATE_USE_CPU=true accelerate launch --config_file launcher/cpu_2proc.yaml \\
         -m icl_scale run --config launcher/default.yaml --data.eval_max 50
@@ -6,6 +6,11 @@
 Every rank builds the same plan (data, eval sets, prompts) and validates it before anything is
 written; each rank then takes eval examples rank::world_size of every job and streams its records
 to its own shards. Rerunning the same command skips what complete shards hold.
+
+Settings share one evaluation and capture path: zsl and icl score after their prompt's prefix;
+ft, ft_lc and ft_lin finetune on the demonstrations (on every rank: batch 1, at most k steps,
+identical everywhere, so results cannot depend on the world size), then score zero-shot with the
+finetuned model — the linearized one through its dual pass — and put θ0 back.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ import yaml
 from icl_scale import config as C
 from icl_scale.capture.shards import ShardWriter, done_ids
 from icl_scale.methods.evaluate import PrefixCache, score_batch
+from icl_scale.methods.finetune import METHODS as FT_METHODS
+from icl_scale.methods.train import LinearizedForward, finetune, restored
+from icl_scale.modeling.params import trained_params
 from icl_scale.modeling.load import load_model, max_positions
 from icl_scale.prompts import Encoder, Prompt, fit_prompt, zsl_prompt
 from icl_scale.runtime import dist, rundir
@@ -38,7 +46,9 @@ class Job:
     seed: int
     enc: Encoder
     eval_rows: list[dict]
-    prompts: dict[str, Prompt]
+    prompts: dict[str, Prompt]     # per setting: the prompt it scores after
+    ft_rows: list[dict]            # finetuning data, in order
+    lr: float
     meta: dict
 
 
@@ -54,17 +64,22 @@ def plan(cfg: C.RunConfig, tok, model_max: int) -> list[Job]:
         for seed in cfg.data.seeds:
             split = split_task(spec, src, seed, cfg.data.k, cfg.data.eval_max)
             icl = fit_prompt(enc, split.demos, split.eval_full, max_len)
-            prompts = {"zsl": zsl_prompt(enc), "icl": icl}
+            zsl = zsl_prompt(enc)
+            ft_rows = split.demos[: icl.k_effective] if cfg.finetune.demos == "icl" else split.demos
+            lr = C.lr_for(cfg, task, spec.ft_lr)
             meta = {"task": task, "seed": seed, "source": src.description, "eval_ids": [r["id"] for r in split.eval],
                     "eval_size_full": len(split.eval_full), "eval_from_train": split.eval_from_train,
                     "k_requested": icl.k_requested, "k_effective": icl.k_effective, "demo_ids": list(icl.demo_ids),
                     "prefix_tokens": len(icl.prefix_ids), "max_length": max_len,
-                    "label_words": list(spec.label_words), "options": enc.options()}
-            jobs.append(Job(task, seed, enc, split.eval, {m: prompts[m] for m in cfg.eval.methods}, meta))
+                    "label_words": list(spec.label_words), "options": enc.options(),
+                    "ft_demo_ids": [r["id"] for r in ft_rows], "ft_lr": lr}
+            prompts = {m: icl if m == "icl" else zsl for m in cfg.eval.methods}
+            jobs.append(Job(task, seed, enc, split.eval, prompts, ft_rows, lr, meta))
     return jobs
 
 
-def evaluate_job(cfg, model, job: Job, setting: str, run_dir: Path, h: str, state, progress) -> None:
+def run_setting(cfg, model, job: Job, setting: str, run_dir: Path, h: str, state, progress) -> None:
+    """Evaluate one setting of a job on this rank's share (finetuning first for FT settings)."""
     jd = rundir.job_dir(run_dir, job.task, setting, job.seed)
     share = job.eval_rows[state.process_index::state.num_processes]
     done = done_ids(jd, h)
@@ -72,20 +87,34 @@ def evaluate_job(cfg, model, job: Job, setting: str, run_dir: Path, h: str, stat
     writer = ShardWriter(jd, {"config_hash": h, "task": job.task, "setting": setting, "seed": job.seed},
                          state.process_index, state.num_processes, int(cfg.output.shard_mb * 2**20))
     progress.start(f"{job.task}/{setting} seed {job.seed}", total=len(share), done=len(share) - len(todo))
-    if todo:
-        cache = PrefixCache(model, job.prompts[setting].prefix_ids)
-        options = job.enc.options()
-        queries = sorted(((job.enc.input_ids(r), r) for r in todo), key=lambda qr: len(qr[0]))  # less padding
-        for i in range(0, len(queries), cfg.eval.batch_size):
-            batch = queries[i:i + cfg.eval.batch_size]
-            scored = score_batch(model, cache, [q for q, _ in batch], options, cfg.eval.record_position,
-                                 cfg.eval.capture)
-            for (_, row), s in zip(batch, scored):
-                writer.add({"id": row["id"], "gold": row["label"], "pred": s.pred, "option_scores": s.option_scores,
-                            "attn_out": s.attn_out, "scores": s.scores})
-            progress.advance(len(batch))
+    prefix = job.prompts[setting].prefix_ids
+    if todo and setting in FT_METHODS:
+        trained = trained_params(model, cfg.finetune.train)
+        with restored(trained):
+            seqs = [[job.enc.bos] + job.enc.demo_ids(r) for r in job.ft_rows]
+            ft_log, deltas = finetune(model, setting, trained, seqs, job.lr, cfg.finetune.optimizer,
+                                      cfg.finetune.clip, cfg.finetune.clip_value)
+            if state.is_main_process:
+                rundir.write_ft_log(run_dir, job.task, setting, job.seed, ft_log, h)
+            cache = (LinearizedForward(model, trained, deltas, prefix) if setting == "ft_lin"
+                     else PrefixCache(model, prefix))
+            score_share(cfg, model, job, cache, todo, writer, progress)
+    elif todo:
+        score_share(cfg, model, job, PrefixCache(model, prefix), todo, writer, progress)
     writer.close(expected=len(share))
     log.info("job %s/%s seed %d: %d done now, %d before", job.task, setting, job.seed, len(todo), len(share) - len(todo))
+
+
+def score_share(cfg, model, job: Job, cache, todo: list[dict], writer: ShardWriter, progress) -> None:
+    options = job.enc.options()
+    queries = sorted(((job.enc.input_ids(r), r) for r in todo), key=lambda qr: len(qr[0]))  # less padding
+    for i in range(0, len(queries), cfg.eval.batch_size):
+        batch = queries[i:i + cfg.eval.batch_size]
+        scored = score_batch(model, cache, [q for q, _ in batch], options, cfg.eval.record_position, cfg.eval.capture)
+        for (_, row), s in zip(batch, scored):
+            writer.add({"id": row["id"], "gold": row["label"], "pred": s.pred, "option_scores": s.option_scores,
+                        "attn_out": s.attn_out, "scores": s.scores})
+        progress.advance(len(batch))
 
 
 def run(cfg: C.RunConfig) -> Path | None:
@@ -111,7 +140,7 @@ def run(cfg: C.RunConfig) -> Path | None:
         log.info("rank %d/%d, model %s, %d jobs", state.process_index, state.num_processes, cfg.model.name, len(jobs))
         for job in jobs:
             for setting in job.prompts:
-                evaluate_job(cfg, model, job, setting, run_dir, h, state, progress)
+                run_setting(cfg, model, job, setting, run_dir, h, state, progress)
     dist.barrier(state)
     out = None
     if state.is_main_process:

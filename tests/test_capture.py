@@ -34,7 +34,7 @@ def test_scores_softmax_to_eager_probabilities(name, attn):
     model, tok = load_model(name, attn)
     ids = torch.tensor([tok.encode("Sentence: a moving film Label:")])  # shorter than gemma3's window
     pos = ids.shape[1] - 1
-    with capture(model, pos) as cap, torch.no_grad():
+    with capture(model, pos + 1) as cap, torch.no_grad():
         model(input_ids=ids)
     out, scores = (t[0] for t in cap.stacked(model.config.num_hidden_layers))
     twin = eager_twin(model)
@@ -57,7 +57,7 @@ def test_scores_after_cached_prefix_are_the_query_columns(name):
     prefix = [tok.bos_token_id] + tok.encode("Sentence: dull Label: Negative") + [tok.eos_token_id]
     query = tok.encode("Sentence: bright Label:")
     cache = PrefixCache(model, prefix)
-    with capture(model, len(query) - 1) as cap:
+    with capture(model, len(query)) as cap:
         cache.forward([query], 1)
     scores = cap.stacked(model.config.num_hidden_layers)[1][0]
     with torch.no_grad():

@@ -87,7 +87,7 @@ def score_batch(model, cache, queries: list[list[int]], options: list[list[int]]
     T = max(len(c) for c in chunks)
     keep = 1 + extra  # logits from the prediction position on: the LM head skips the rest
     if do_capture:
-        with capture(model, T - 1) as cap:
+        with capture(model, T) as cap:
             logits = cache.forward(chunks, keep)
         attn_out, scores = cap.stacked(model.config.num_hidden_layers)
     else:
@@ -134,9 +134,9 @@ def score_full(model, prefix_ids, query_ids, options, record="prediction", do_ca
     res = score_query(model, full, query_ids, options, record, do_capture=False)
     if do_capture:
         chunk = list(query_ids) + [options[0][0]] * (record == "answer")
-        seq = list(prefix_ids) + chunk
-        with capture(model, len(seq) - 1) as cap, torch.no_grad():
-            model(input_ids=torch.tensor([seq], device=model.device), use_cache=False, logits_to_keep=1)
+        with capture(model, len(chunk)) as cap, torch.no_grad():
+            model(input_ids=torch.tensor([list(prefix_ids) + chunk], device=model.device), use_cache=False,
+                  logits_to_keep=1)
         attn_out, scores = cap.stacked(model.config.num_hidden_layers)
-        res.attn_out, res.scores = attn_out[0], scores[0, ..., len(prefix_ids):]
+        res.attn_out, res.scores = attn_out[0], scores[0]
     return res

@@ -1,16 +1,16 @@
 """Named, scoped capture points shared by every method.
 
-Points (per eval example, at the recording position `pos` of the forward chunk):
-    blocks.{l}.attn.out     [B, d_model]       attention block output (after the output
-                                               projection, before the residual add)
-    blocks.{l}.attn.scores  [B, n_heads, pos+1] pre-softmax scores q·kᵀ·scaling of `pos` against
-                                               the chunk's own tokens 0..pos (the query tokens;
-                                               the cached demonstrations are excluded)
+Points (per eval example, at the recording position: the last position of the forward):
+    blocks.{l}.attn.out     [B, d_model]         attention block output (after the output
+                                                 projection, before the residual add)
+    blocks.{l}.attn.scores  [B, n_heads, n_keys] pre-softmax scores q·kᵀ·scaling of that position
+                                                 against the last n_keys tokens (the query's own
+                                                 tokens; cached demonstrations are excluded)
 
 The scores come from a wrapper around the model's own attention function, registered under
 `icl_eager` / `icl_sdpa` in transformers' AttentionInterface (and, as it must be, with the
 matching mask function in AttentionMaskInterface). Outside a `capture()` block the wrapper only
-delegates.
+delegates. Under forward-mode AD (the linearized model) every point records primal + tangent.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
@@ -27,14 +28,20 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 _ACTIVE: "Captured | None" = None
 
 
+def _value(t: torch.Tensor) -> torch.Tensor:
+    """A recorded tensor's value; under forward-mode AD (the linearized model) primal + tangent."""
+    primal, tangent = fwAD.unpack_dual(t)
+    return (primal if tangent is None else primal + tangent).detach()
+
+
 @dataclass
 class Captured:
-    pos: int
+    n_keys: int
     attn_out: dict[int, torch.Tensor] = field(default_factory=dict)
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def stacked(self, n_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """attn_out [B, L, d], scores [B, L, H, pos+1], both float32 on CPU."""
+        """attn_out [B, L, d], scores [B, L, H, n_keys], both float32 on CPU."""
         out = torch.stack([self.attn_out[l] for l in range(n_layers)], dim=1).float().cpu()
         sc = torch.stack([self.scores[l] for l in range(n_layers)], dim=1).float().cpu()
         return out, sc
@@ -44,15 +51,13 @@ def _record_scores(module, query, key, scaling, kwargs):
     cap = _ACTIVE
     if cap is None:
         return
-    n = query.shape[-2]
-    pos = cap.pos
-    keys = key[:, :, key.shape[-2] - n: key.shape[-2] - n + pos + 1]   # the chunk's own keys 0..pos
+    keys = key[:, :, -cap.n_keys:]
     keys = keys.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # grouped-query attention
-    s = torch.einsum("bhd,bhkd->bhk", query[:, :, pos], keys) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    s = torch.einsum("bhd,bhkd->bhk", query[:, :, -1], keys) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
     softcap = kwargs.get("softcap")
     if softcap:
         s = torch.tanh(s / softcap) * softcap
-    cap.scores[module.layer_idx] = s.detach()
+    cap.scores[module.layer_idx] = _value(s)
 
 
 def _eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -83,15 +88,16 @@ def attention_modules(model) -> list[torch.nn.Module]:
 
 
 @contextmanager
-def capture(model, pos: int):
-    """Record every capture point at chunk position `pos` during the forwards inside the block."""
+def capture(model, n_keys: int):
+    """Record every capture point at the last position of the forward inside the block, with
+    scores against the last `n_keys` tokens."""
     global _ACTIVE
-    cap = Captured(pos)
+    cap = Captured(n_keys)
     handles = []
     for m in attention_modules(model):
         def hook(mod, args, output, _l=m.layer_idx):
             out = output[0] if isinstance(output, tuple) else output
-            cap.attn_out[_l] = out[:, pos].detach()
+            cap.attn_out[_l] = _value(out[:, -1])
         handles.append(m.register_forward_hook(hook))
     _ACTIVE = cap
     try:

@@ -44,7 +44,19 @@ KV_NAMES = ("k_proj.", "v_proj.", "key.", "value.")
 
 
 def trained_params(model, which: str = "kv") -> list[Trained]:
-    """The trained parameters (requires_grad set on exactly these; gradient masks for fused parts)."""
+    """The trained parameters (requires_grad set on exactly these; gradient masks for fused parts).
+    Selected once per model and choice (the mask hooks stay registered)."""
+    cache = model.__dict__.setdefault("_icl_trained", {})
+    if which not in cache:
+        cache[which] = _select(model, which)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for t in cache[which]:
+        t.param.requires_grad_(True)
+    return cache[which]
+
+
+def _select(model, which: str) -> list[Trained]:
     out = []
     for attn in attention_modules(model):
         for name, p in attn.named_parameters():
@@ -62,10 +74,7 @@ def trained_params(model, which: str = "kv") -> list[Trained]:
         out += [Trained(n, p, -1) for n, p in model.named_parameters() if id(p) not in seen]
     if not out:
         raise UserError(f"model {type(model).__name__}: no key/value projections found to train")
-    for p in model.parameters():
-        p.requires_grad_(False)
     for t in out:
-        t.param.requires_grad_(True)
         if t.mask is not None:
             t.param.register_hook(lambda g, m=t.mask: g * m.to(g.dtype))
     return out

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from icl_scale.capture.shards import atomic_write_text
 
-LABELS = {"zsl": "ZSL", "icl": "ICL"}
+LABELS = {"zsl": "ZSL", "icl": "ICL", "ft": "FT", "ft_lc": "layer-causal FT", "ft_lin": "linearized FT"}
 
 
 def columns(info: dict) -> list[tuple[str, str]]:

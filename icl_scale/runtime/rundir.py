@@ -4,6 +4,7 @@
     <run>/config.json            resolved config + hash + the result fields the hash covers
     <run>/jobs/<task>/seed<s>.json   data source, eval ids, effective K, demonstration ids
     <run>/shards/<task>/<setting>/seed<s>/   record shards (capture/shards.py)
+    <run>/ft/<task>/<setting>/seed<s>.json   per-step FT loss, per-layer gradient norms, skipped steps
     <run>/logs/rank<r>.log
 """
 
@@ -55,6 +56,19 @@ def write_job_meta(run_dir: Path, task: str, seed: int, meta: dict) -> None:
     p = job_meta_path(run_dir, task, seed)
     p.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(p, json.dumps(meta, indent=1))
+
+
+def ft_log_path(run_dir: Path, task: str, setting: str, seed: int) -> Path:
+    return run_dir / "ft" / task / setting / f"seed{seed}.json"
+
+
+def write_ft_log(run_dir: Path, task: str, setting: str, seed: int, log, config_hash: str) -> None:
+    """Per-step loss, per-layer gradient norms and skipped steps of one finetuning run."""
+    import dataclasses
+
+    p = ft_log_path(run_dir, task, setting, seed)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(p, json.dumps(dataclasses.asdict(log) | {"config_hash": config_hash}))
 
 
 def remove_orphans(run_dir: Path) -> list[Path]:

@@ -1,0 +1,127 @@
+"""The finetuning loop shared by the three methods: batch 1, one epoch over the demonstrations in
+order, the per-task learning rate, gradient clipping, and what is recorded per step (loss,
+per-layer L2 norm of the trained parameters' gradient before clipping, skipped steps).
+
+Finetuning changes the model in place; `restored()` puts θ0 back after the job's evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from icl_scale.methods.finetune import layer_causal_loss, linearized_logits, linearized_loss, standard_loss
+from icl_scale.modeling.params import Trained
+
+CLIPS = ("none", "global_l2", "layer_l2", "elem_linf")
+
+
+@dataclass
+class FTLog:
+    method: str
+    lr: float
+    clip: str
+    clip_value: float
+    steps: int = 0
+    skipped: int = 0
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[list[float]] = field(default_factory=list)   # steps × layers
+
+
+def _layer_norms(trained: list[Trained], grads: list[torch.Tensor], n_layers: int) -> list[float]:
+    sq = [0.0] * n_layers
+    for t, g in zip(trained, grads):
+        if t.layer >= 0:
+            sq[t.layer] += float(g.double().pow(2).sum())
+    return [math.sqrt(v) for v in sq]
+
+
+def clip_(trained: list[Trained], grads: list[torch.Tensor], how: str, value: float) -> None:
+    """Clip in place: the global L2 norm, each layer's L2 norm, or every element to [-value, value]."""
+    if how == "none":
+        return
+    if how == "elem_linf":
+        for g in grads:
+            g.clamp_(-value, value)
+        return
+    groups: dict[int, list[torch.Tensor]] = {}
+    for t, g in zip(trained, grads):
+        groups.setdefault(0 if how == "global_l2" else t.layer, []).append(g)
+    for gs in groups.values():
+        norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in gs))
+        if norm > value:
+            for g in gs:
+                g.mul_(value / norm)
+
+
+def make_optimizer(name: str, params, lr: float):
+    if name == "sgd":  # plain SGD: no momentum, no weight decay
+        return torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=0.0)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
+def finetune(model, method: str, trained: list[Trained], sequences: list[list[int]], lr: float,
+             optimizer: str = "sgd", clip: str = "none", clip_value: float = 1.0):
+    """Run one FT method; returns (log, deltas) — deltas for the linearized model, else None."""
+    log = FTLog(method, lr, clip, clip_value)
+    n_layers = model.config.num_hidden_layers
+    params = [t.param for t in trained]
+    deltas = [torch.zeros_like(p, requires_grad=False) for p in params] if method == "ft_lin" else None
+    opt = make_optimizer(optimizer, deltas if deltas is not None else params, lr)
+    model.train()  # dropout is 0 everywhere; train mode only for modules that care
+    for seq in sequences:
+        ids = torch.tensor([seq], device=model.device)
+        if method == "ft":
+            loss = standard_loss(model, ids)
+        elif method == "ft_lc":
+            loss, _ = layer_causal_loss(model, ids)
+        else:
+            loss = linearized_loss(model, trained, deltas, ids)
+        grads = list(torch.autograd.grad(loss, params))  # masked to k/v parts by the parameter hooks
+        log.steps += 1
+        if not torch.isfinite(loss) or not all(torch.isfinite(g).all() for g in grads):
+            log.skipped += 1   # counted and reported, never silent
+            log.losses.append(float("nan"))
+            log.grad_norms.append([float("nan")] * n_layers)
+            continue
+        log.losses.append(float(loss))
+        log.grad_norms.append(_layer_norms(trained, grads, n_layers))
+        clip_(trained, grads, clip, clip_value)
+        targets = deltas if deltas is not None else params
+        for x, g in zip(targets, grads):
+            x.grad = g
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+    return log, deltas
+
+
+@contextmanager
+def restored(trained: list[Trained]):
+    """Run a block that may finetune the model; θ0 of the trained parameters comes back after."""
+    saved = [t.param.detach().clone() for t in trained]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, s in zip(trained, saved):
+                t.param.copy_(s)
+
+
+class LinearizedForward:
+    """The evaluation interface of PrefixCache for the linearized model f0 + J·δ: each query runs
+    whole (the ZSL prefix is one token) in forward mode, so logits and every capture point are
+    primal + tangent."""
+
+    max_batch = 1
+
+    def __init__(self, model, trained, deltas, prefix_ids):
+        self.model, self.trained, self.deltas, self.prefix = model, trained, deltas, list(prefix_ids)
+
+    def forward(self, chunks, keep):
+        assert len(chunks) == 1
+        ids = torch.tensor([self.prefix + list(chunks[0])], device=self.model.device)
+        return linearized_logits(self.model, self.trained, self.deltas, ids, logits_to_keep=keep).float()
