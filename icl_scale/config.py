@@ -63,8 +63,9 @@ class EvalConfig:
                                 "predicts the answer, or the first answer token (the reference's choice)",
                                 choices=("prediction", "answer"))
     capture: bool = knob(True, "record per-layer attention outputs and pre-softmax scores")
-    batch_size: int = knob(8, "queries per forward after the cached prefix (left-padded; results agree with "
-                           "one at a time to float rounding)", result=False)
+    batch_size: int = knob(1, "queries per forward after the cached prefix (left-padded). 1 makes every "
+                           "record bit-identical whatever the world size; larger batches (for GPUs) agree to "
+                           "float rounding", result=False)
 
 
 @dataclass(frozen=True)

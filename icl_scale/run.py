@@ -130,8 +130,8 @@ def run(cfg: C.RunConfig) -> Path | None:
         from rich.console import Console
         from rich.syntax import Syntax
 
-        Console(stderr=True).print(Syntax(yaml.safe_dump(C.to_dict(cfg), sort_keys=False) + f"# config hash {h}\n", "yaml"))
         rundir.check_or_save_config(cfg, run_dir)
+        Console(stderr=True).print(Syntax(yaml.safe_dump(C.to_dict(cfg), sort_keys=False) + f"# config hash {h}\n", "yaml"))
         rundir.remove_orphans(run_dir)
         for job in jobs:
             rundir.write_job_meta(run_dir, job.task, job.seed, job.meta | {"config_hash": h})
