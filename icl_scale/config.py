@@ -37,6 +37,8 @@ class ModelConfig:
     dtype: str = knob("float32", "parameter dtype", choices=("float32", "bfloat16", "float16"))
     max_length: int = knob(2048, "max prompt length in tokens (capped by the model's own maximum)")
     cache_dir: str = knob("~/.cache/icl_scale", "where converted offline models are kept", result=False)
+    untrained: bool = knob(False, "untrained-model control: attention and MLP weights re-initialised (seed 0), "
+                           "embeddings and norms kept")
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,10 @@ class DataConfig:
     k: int = knob(32, "demonstrations drawn per (task, seed) before the greedy fit to max_length")
     eval_max: int = knob(2000, "eval examples per task (at most the task's eval size, 2000 for the largest)")
     seeds: tuple[int, ...] = knob((1,), "run seeds (demonstration draw), comma-separated")
+    label_noise: float = knob(0.0, "label switching: fraction of the demonstrations whose label is corrupted "
+                              "(the same corrupted set for ICL and FT)")
+    label_noise_mode: str = knob("flip", "flip: label y becomes (y+1) mod n_labels; permute: the chosen "
+                                 "demonstrations' labels are shuffled among themselves", choices=("flip", "permute"))
 
 
 @dataclass(frozen=True)
@@ -177,6 +183,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"config field data.k: {d.k} must be >= 0")
     if d.eval_max < 1:
         raise UserError(f"config field data.eval_max: {d.eval_max} must be >= 1")
+    if not 0.0 <= d.label_noise <= 1.0:
+        raise UserError(f"config field data.label_noise: {d.label_noise} must be in [0, 1]")
     if not d.seeds:
         raise UserError("config field data.seeds: no seed given")
     if len(set(d.seeds)) != len(d.seeds):

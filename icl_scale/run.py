@@ -62,7 +62,8 @@ def plan(cfg: C.RunConfig, tok, model_max: int) -> list[Job]:
         src = load_source(spec, source, cfg.data.data_dir, cfg.data.files_dir)
         enc = Encoder(spec, tok)
         for seed in cfg.data.seeds:
-            split = split_task(spec, src, seed, cfg.data.k, cfg.data.eval_max)
+            split = split_task(spec, src, seed, cfg.data.k, cfg.data.eval_max, cfg.data.label_noise,
+                               cfg.data.label_noise_mode)
             icl = fit_prompt(enc, split.demos, split.eval_full, max_len)
             zsl = zsl_prompt(enc)
             ft_rows = split.demos[: icl.k_effective] if cfg.finetune.demos == "icl" else split.demos
@@ -72,7 +73,8 @@ def plan(cfg: C.RunConfig, tok, model_max: int) -> list[Job]:
                     "k_requested": icl.k_requested, "k_effective": icl.k_effective, "demo_ids": list(icl.demo_ids),
                     "prefix_tokens": len(icl.prefix_ids), "max_length": max_len,
                     "label_words": list(spec.label_words), "options": enc.options(),
-                    "ft_demo_ids": [r["id"] for r in ft_rows], "ft_lr": lr}
+                    "ft_demo_ids": [r["id"] for r in ft_rows], "ft_lr": lr,
+                    "corrupted_demo_ids": [r["id"] for r in split.demos if r.get("corrupted")]}
             prompts = {m: icl if m == "icl" else zsl for m in cfg.eval.methods}
             jobs.append(Job(task, seed, enc, split.eval, prompts, ft_rows, lr, meta))
     return jobs
@@ -122,7 +124,7 @@ def run(cfg: C.RunConfig) -> Path | None:
     run_dir = Path(cfg.output.run_dir)
     t0 = time.time()
     model, tok = load_model(cfg.model.name, cfg.model.attn, cfg.model.dtype, cfg.model.cache_dir,
-                            main_first=lambda: dist.main_first(state))
+                            main_first=lambda: dist.main_first(state), untrained=cfg.model.untrained)
     model.to(state.device)
     jobs = plan(cfg, tok, max_positions(model))
     h = C.config_hash(cfg)

@@ -68,6 +68,14 @@ def _eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
 
 def _sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     _record_scores(module, query, key, scaling, kwargs)
+    if (query.device.type == "cpu" and query.shape[1] != key.shape[1] and attention_mask is not None
+            and attention_mask.dtype == torch.bool and kwargs.get("position_bias") is None and not kwargs.get("softcap")):
+        # With a mask (every cached query) transformers repeats K/V per query head; the CPU kernel
+        # takes grouped-query attention natively, which saves that copy (~10% of a cached query).
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask[:, :, :, : key.shape[-2]], dropout_p=dropout, scale=scaling,
+            enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 

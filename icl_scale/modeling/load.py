@@ -72,8 +72,20 @@ def _zero_dropout(model) -> None:
                 setattr(obj, attr, 0.0)
 
 
+def reinit_blocks(model, seed: int = 0) -> None:
+    """Untrained-model control: re-initialise every linear weight inside the decoder layers
+    (attention and MLP) with the model's own initialiser; embeddings and norms are kept."""
+    from icl_scale.modeling.params import decoder_layers
+
+    torch.manual_seed(seed)
+    for layer in decoder_layers(model):
+        for mod in layer.modules():
+            if isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D":
+                model._init_weights(mod)
+
+
 def load_model(name: str, attn: str = "sdpa", dtype: str = "float32", cache_dir: str = "~/.cache/icl_scale",
-               main_first=nullcontext):
+               main_first=nullcontext, untrained: bool = False):
     """(model in eval mode, tokenizer). `attn` is the kernel under the capture wrapper."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -92,6 +104,8 @@ def load_model(name: str, attn: str = "sdpa", dtype: str = "float32", cache_dir:
             raise UserError(f"unknown model {name!r}: not an offline alias ({', '.join(OFFLINE_MODELS)}), "
                             f"tiny model ({', '.join(TINY_MODELS)}), local dir or reachable hub id "
                             f"({first_line(e)})") from None
+    if untrained:
+        reinit_blocks(model)
     model.to(getattr(torch, dtype))
     _zero_dropout(model)
     model.eval()

@@ -32,7 +32,26 @@ def shuffled(rows: list[dict], seed: int) -> list[dict]:
     return [rows[i] for i in order]
 
 
-def split_task(spec: TaskSpec, src: SourceRows, seed: int, k: int, eval_max: int) -> TaskSplit:
+def corrupt_labels(demos: list[dict], n_labels: int, fraction: float, mode: str, seed: int) -> list[dict]:
+    """Label switching: a seeded subset (round(fraction·k) demonstrations) gets wrong labels;
+    returns new rows (marked "corrupted") and leaves the pool untouched."""
+    rng = np.random.default_rng([seed, 7])
+    chosen = sorted(rng.choice(len(demos), size=round(fraction * len(demos)), replace=False).tolist())
+    out = [dict(r) for r in demos]
+    if mode == "flip":
+        for i in chosen:
+            out[i]["label"] = (out[i]["label"] + 1) % n_labels
+    else:
+        labels = [out[i]["label"] for i in chosen]
+        for i, j in zip(chosen, rng.permutation(len(chosen))):
+            out[i]["label"] = labels[j]
+    for i in chosen:
+        out[i]["corrupted"] = True
+    return out
+
+
+def split_task(spec: TaskSpec, src: SourceRows, seed: int, k: int, eval_max: int,
+               label_noise: float = 0.0, label_noise_mode: str = "flip") -> TaskSplit:
     if src.eval is None:
         held = shuffled(src.train, EVAL_SHUFFLE_SEED)
         size = min(spec.eval_size, len(held) // 2)
@@ -45,4 +64,6 @@ def split_task(spec: TaskSpec, src: SourceRows, seed: int, k: int, eval_max: int
     if k > len(pool):
         raise UserError(f"config field data.k: {k} is larger than task {spec.name}'s demonstration pool ({len(pool)})")
     demos = shuffled(pool, seed)[:k]
+    if label_noise > 0:
+        demos = corrupt_labels(demos, len(spec.label_words), label_noise, label_noise_mode, seed)
     return TaskSplit(eval_full, eval_full[:eval_max], demos, src.eval is None)

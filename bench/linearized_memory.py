@@ -1,0 +1,109 @@
+"""Peak memory and time per step: standard FT, the lean linearized FT, and a reference-style
+linearized FT (reverse mode through a JVP over all parameters), on the same model and sequences.
+
+    python bench/linearized_memory.py [--lengths 512,1024,2048] [--model smollm2-135m]
+
+Each (method, length) runs in its own process: peak memory is that process's peak RSS minus its
+RSS once the model is loaded (on a GPU: torch.cuda.max_memory_allocated). Prints a table and the
+lean/standard and reference/standard ratios."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+METHODS = ("standard", "lean", "reference")
+
+
+def one(method: str, length: int, model_name: str) -> dict:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import psutil
+    import torch
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import functional_call
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from icl_scale.methods.finetune import linearized_loss, sequence_nll, standard_loss
+    from icl_scale.modeling.load import load_model
+    from icl_scale.modeling.params import trained_params
+
+    torch.set_num_threads(1)
+    model, tok = load_model(model_name, "sdpa")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(dev)
+    trained = trained_params(model, "kv")
+    params = [t.param for t in trained]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, length), generator=g).to(dev)
+    deltas = [torch.randn(p.shape, generator=g).to(dev) * 1e-3 for p in params]
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def step():
+        if method == "standard":
+            loss = standard_loss(model, ids)
+            return torch.autograd.grad(loss, params)
+        if method == "lean":
+            loss = linearized_loss(model, trained, deltas, ids)
+            return torch.autograd.grad(loss, params)
+        # reference style: a tangent on every parameter (zero off k/v), reverse mode through the JVP
+        ds = {id(t.param): d.clone().requires_grad_(True) for t, d in zip(trained, deltas)}
+        with fwAD.dual_level(), sdpa_kernel([SDPBackend.MATH]):
+            full = {n: fwAD.make_dual(p.detach().clone(), ds.get(id(p), torch.zeros_like(p)))
+                    for n, p in model.named_parameters()}
+            primal, tangent = fwAD.unpack_dual(functional_call(model, full, (ids,)).logits)
+            loss = sequence_nll(primal + tangent, ids)
+        return torch.autograd.grad(loss, list(ds.values()))
+
+    base = psutil.Process().memory_info().rss
+    if dev == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    step()  # warm-up
+    t = time.perf_counter()
+    step()
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    secs = time.perf_counter() - t
+    peak = torch.cuda.max_memory_allocated() if dev == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"method": method, "length": length, "peak_mib": (peak - base) / 2**20, "step_s": secs, "device": dev}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", default="512,1024,2048")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--one", nargs=2, metavar=("METHOD", "LENGTH"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print("RESULT", json.dumps(one(args.one[0], int(args.one[1]), args.model)))
+        return
+    rows = {}
+    for length in map(int, args.lengths.split(",")):
+        for method in METHODS:
+            out = subprocess.run([sys.executable, __file__, "--model", args.model, "--one", method, str(length)],
+                                 capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+            lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+            rows[method, length] = json.loads(lines[0][7:]) if lines else {"error": (out.stderr.strip().splitlines()
+                                                                                     or [f"exit {out.returncode}"])[-1]}
+    print(f"{'length':>6} {'method':>9} {'peak MiB':>9} {'s/step':>8}  lean/std mem  lean/std time  ref/std mem  ref/std time")
+    for length in map(int, args.lengths.split(",")):
+        std = rows["standard", length]
+        for method in METHODS:
+            r = rows[method, length]
+            if "error" in r:
+                print(f"{length:>6} {method:>9}  failed: {r['error'][:80]}")
+                continue
+            ratio = ""
+            if method != "standard" and "error" not in std:
+                ratio = f"  {r['peak_mib'] / std['peak_mib']:.2f}x mem  {r['step_s'] / std['step_s']:.2f}x time"
+            print(f"{length:>6} {method:>9} {r['peak_mib']:>9.0f} {r['step_s']:>8.2f}{ratio}")
+
+
+if __name__ == "__main__":
+    main()
