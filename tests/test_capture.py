@@ -73,23 +73,33 @@ def cb_rows(data_dir):
     return spec, split_task(spec, load_source(spec, "offline", str(data_dir), ""), seed=1, k=32, eval_max=3)
 
 
+def cb_setup(name, attn, cb_rows):
+    """(model, encoder, split, ICL prompt) for CB with a tiny model."""
+    spec, split = cb_rows
+    model, tok = load_model(name, attn)
+    enc = Encoder(spec, tok)
+    return model, enc, split, fit_prompt(enc, split.demos, split.eval_full, 1500)
+
+
+def assert_same_scored(a, b, tol=1e-5):
+    assert a.pred == b.pred
+    torch.testing.assert_close(torch.tensor(a.option_scores), torch.tensor(b.option_scores), atol=tol, rtol=tol)
+    torch.testing.assert_close(a.attn_out, b.attn_out, atol=tol, rtol=tol)
+    torch.testing.assert_close(a.scores, b.scores, atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("record", ["prediction", "answer"])
 def test_prefix_cache_matches_full_recompute(name, attn, record, cb_rows):
-    spec, split = cb_rows
-    model, tok = load_model(name, attn)
-    enc = Encoder(spec, tok)
-    for prompt in (zsl_prompt(enc), fit_prompt(enc, split.demos, split.eval_full, 1500)):
+    model, enc, split, icl = cb_setup(name, attn, cb_rows)
+    for prompt in (zsl_prompt(enc), icl):
         cache = PrefixCache(model, prompt.prefix_ids)
         for row in split.eval:
             q = enc.input_ids(row)
             a = score_query(model, cache, q, enc.options(), record)
             b = score_full(model, prompt.prefix_ids, q, enc.options(), record)
-            assert a.pred == b.pred
-            torch.testing.assert_close(torch.tensor(a.option_scores), torch.tensor(b.option_scores), atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(a.attn_out, b.attn_out, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=1e-5)
+            assert_same_scored(a, b)
             assert a.scores.shape[-1] == len(q) + (record == "answer")
 
 
@@ -114,17 +124,10 @@ def test_multi_token_option_score_is_mean_log_softmax():
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("record", ["prediction", "answer"])
 def test_batched_queries_match_one_at_a_time(name, attn, record, cb_rows):
-    spec, split = cb_rows
-    model, tok = load_model(name, attn)
-    enc = Encoder(spec, tok)
-    prompt = fit_prompt(enc, split.demos, split.eval_full, 1500)
-    cache = PrefixCache(model, prompt.prefix_ids)
+    model, enc, split, icl = cb_setup(name, attn, cb_rows)
+    cache = PrefixCache(model, icl.prefix_ids)
     queries = [enc.input_ids(r) for r in split.eval]
     assert len({len(q) for q in queries}) > 1  # different lengths: padding is exercised
     batched = score_batch(model, cache, queries, enc.options(), record)
     for q, a in zip(queries, batched):
-        b = score_query(model, cache, q, enc.options(), record)
-        assert a.pred == b.pred
-        torch.testing.assert_close(torch.tensor(a.option_scores), torch.tensor(b.option_scores), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(a.attn_out, b.attn_out, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=1e-5)
+        assert_same_scored(a, score_query(model, cache, q, enc.options(), record))

@@ -134,3 +134,42 @@ def test_linearization_is_exact_at_zero_and_second_order(name):
     # halving ε divides the error by 4 (ε²), not by 2 (which a wrong tangent would give)
     for a, b in zip(errors, errors[1:]):
         assert 3.5 < a / b < 4.5, errors
+
+
+def test_clipping_modes():
+    from icl_scale.methods.train import clip_
+    from icl_scale.modeling.params import Trained
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    trained = [Trained("a", p, 0), Trained("b", p, 0), Trained("c", p, 1)]
+    grads = [torch.tensor([3.0, 4.0]), torch.tensor([0.0]), torch.tensor([12.0])]   # layer norms 5 and 12
+    g = [x.clone() for x in grads]
+    clip_(trained, g, "global_l2", 6.5)
+    assert abs(sum(float(x.pow(2).sum()) for x in g) ** 0.5 - 6.5) < 1e-6
+    g = [x.clone() for x in grads]
+    clip_(trained, g, "layer_l2", 6.0)
+    assert torch.equal(g[0], grads[0]) and torch.allclose(g[2], torch.tensor([6.0]))
+    g = [x.clone() for x in grads]
+    clip_(trained, g, "elem_linf", 3.5)
+    assert g[0].tolist() == [3.0, 3.5] and g[2].tolist() == [3.5]
+
+
+def test_finetune_loop_logs_steps_and_restores_theta0(monkeypatch):
+    import icl_scale.methods.train as T
+
+    model, tok = load_model("tiny-llama", "eager")
+    trained = trained_params(model, "kv")
+    seqs = [ids_of(tok, t)[0].tolist() for t in ("Sentence: a Label: Negative", "Sentence: b Label: Positive")]
+    before = [t.param.detach().clone() for t in trained]
+    with T.restored(trained):
+        log, deltas = T.finetune(model, "ft_lc", trained, seqs, lr=0.1)
+        assert any(not torch.equal(t.param, b) for t, b in zip(trained, before))
+    assert all(torch.equal(t.param, b) for t, b in zip(trained, before))
+    assert log.steps == 2 and log.skipped == 0 and deltas is None
+    assert len(log.grad_norms) == 2 and all(len(r) == 3 and min(r) > 0 for r in log.grad_norms)
+    log, deltas = T.finetune(model, "ft_lin", trained, seqs, lr=0.1)
+    assert all(torch.equal(t.param, b) for t, b in zip(trained, before))  # θ0 never moves
+    assert any(d.abs().sum() > 0 for d in deltas)
+    monkeypatch.setattr(T, "standard_loss", lambda m, ids: standard_loss(m, ids) * float("nan"))
+    log, _ = T.finetune(model, "ft", trained, seqs, lr=0.1)
+    assert log.skipped == 2 and all(torch.equal(t.param, b) for t, b in zip(trained, before))

@@ -13,6 +13,7 @@ from helpers import assert_same_records, run_records
 
 def args(run_dir, data_dir, *extra):
     return ["run", "--model.name", "tiny-llama", "--data.tasks", "sst2,agnews,cb", "--data.k", "8",
+            "--eval.methods", "zsl,icl,ft,ft_lc,ft_lin",
             "--data.eval_max", "12", "--model.max_length", "1500", "--data.data_dir", str(data_dir),
             "--output.run_dir", str(run_dir), "--output.report_dir", str(run_dir.parent / "reports"), *extra]
 
@@ -34,6 +35,8 @@ def test_two_processes_match_one(one_proc, tmp_path, data_dir):
     assert [json.loads(m.read_text())["world_size"] for m in manifests] == [2, 2]
     assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["rank0.log", "rank1.log"]
     assert_same_records(run_records(one_proc), run_records(run_dir))
+    for log in sorted(one_proc.glob("ft/*/*/seed1.json")):  # finetuning does not depend on the world size
+        assert log.read_text() == (run_dir / log.relative_to(one_proc)).read_text()
     report = (run_dir.parent / "reports" / "run.md").read_text()
     assert report.replace(str(run_dir), "") == (one_proc.parent / "reports" / "run.md").read_text().replace(str(one_proc), "")
 

@@ -87,7 +87,7 @@ def finetune(model, method: str, trained: list[Trained], sequences: list[list[in
             log.losses.append(float("nan"))
             log.grad_norms.append([float("nan")] * n_layers)
             continue
-        log.losses.append(float(loss))
+        log.losses.append(float(loss.detach()))
         log.grad_norms.append(_layer_norms(trained, grads, n_layers))
         clip_(trained, grads, clip, clip_value)
         targets = deltas if deltas is not None else params
