@@ -56,11 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "report":
             from pathlib import Path
 
-            from rich.console import Console
-
             from icl_scale.report.render import write_report
+            from icl_scale.runtime.progress import console
 
-            write_report(Path(args.run_dir), Path(args.report_dir), console=Console())
+            write_report(Path(args.run_dir), Path(args.report_dir), console=console())
     except UserError as e:
         print(f"icl-scale: error: {e}", file=sys.stderr)
         return 2

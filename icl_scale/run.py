@@ -129,11 +129,12 @@ def run(cfg: C.RunConfig) -> Path | None:
     jobs = plan(cfg, tok, max_positions(model))
     h = C.config_hash(cfg)
     if state.is_main_process:
-        from rich.console import Console
         from rich.syntax import Syntax
 
+        from icl_scale.runtime.progress import console
+
         rundir.check_or_save_config(cfg, run_dir)
-        Console(stderr=True).print(Syntax(yaml.safe_dump(C.to_dict(cfg), sort_keys=False) + f"# config hash {h}\n", "yaml"))
+        console().print(Syntax(yaml.safe_dump(C.to_dict(cfg), sort_keys=False) + f"# config hash {h}\n", "yaml"))
         rundir.remove_orphans(run_dir)
         for job in jobs:
             rundir.write_job_meta(run_dir, job.task, job.seed, job.meta | {"config_hash": h})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -10,10 +11,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.progress import Progress as RichProgress
 
 
+def console() -> Console:
+    """stderr; wide enough for the summary table when it is not a terminal (logs, CI)."""
+    return Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+
 class Progress:
     def __init__(self, state, run_dir: Path):
         self.main = state.is_main_process
-        self.console = Console(stderr=True)
+        self.console = console()
         logs = Path(run_dir) / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         self.handler = logging.FileHandler(logs / f"rank{state.process_index}.log")
