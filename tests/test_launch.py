@@ -61,3 +61,10 @@ def test_changed_config_on_resume_names_fields(one_proc, data_dir):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "data.k, eval.record_position differ" in lines[0]
+
+
+def test_report_is_a_function_of_the_run_dir(one_proc, tmp_path):
+    r = run_cli(["report", str(one_proc), "--report-dir", str(tmp_path)])
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "run.md").read_text() == (one_proc.parent / "reports" / "run.md").read_text()
+    assert "linearized FT acc" in (tmp_path / "run.md").read_text()

@@ -118,6 +118,8 @@ class FullRecompute:
     """The same interface as PrefixCache with no reuse: every forward runs prefix + chunk whole.
     The reference for tests and the prefix-cache benchmark."""
 
+    max_batch = 1
+
     def __init__(self, model, prefix_ids):
         self.model, self.prefix = model, list(prefix_ids)
 
