@@ -67,4 +67,9 @@ def test_report_is_a_function_of_the_run_dir(one_proc, tmp_path):
     r = run_cli(["report", str(one_proc), "--report-dir", str(tmp_path)])
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "run.md").read_text() == (one_proc.parent / "reports" / "run.md").read_text()
-    assert "linearized FT acc" in (tmp_path / "run.md").read_text()
+    text = (tmp_path / "run.md").read_text()
+    assert "linearized FT acc" in text
+    # 3 tasks × 3 FT methods × their fitted demonstrations, one step each
+    steps = sum(3 * json.loads((one_proc / "jobs" / t / "seed1.json").read_text())["k_effective"]
+                for t in ("sst2", "agnews", "cb"))
+    assert f"Finetuning: SGD on kv parameters, demonstrations: icl, no clipping; {steps} steps, 0 skipped" in text

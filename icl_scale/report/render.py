@@ -23,11 +23,23 @@ def cell(row: dict, key: str) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def finetune_lines(info: dict, rows: list[dict]) -> list[str]:
+    """How the FT settings were trained (optimizer, trained set, clipping) and their skipped steps."""
+    if not any(m.startswith("ft") for m in info["methods"]):
+        return []
+    ft = info["finetune"]
+    clip = "no clipping" if ft["clip"] == "none" else f"clipping {ft['clip']} at {ft['clip_value']}"
+    steps = sum(r.get("ft_steps", 0) for r in rows)
+    skipped = sum(r.get("ft_skipped", 0) for r in rows)
+    return [f"Finetuning: {ft['optimizer'].upper()} on {ft['train']} parameters, demonstrations: {ft['demos']}, "
+            f"{clip}; {steps} steps, {skipped} skipped (non-finite loss or gradient).", ""]
+
+
 def markdown(info: dict, rows: list[dict]) -> str:
     cols = columns(info)
     lines = [f"# icl_scale run `{Path(info['run_dir']).name}`", "",
              f"Model: `{info['model']}` · config hash `{info['config_hash']}` · "
-             f"recording position: {info['record_position']}", "",
+             f"recording position: {info['record_position']}", "", *finetune_lines(info, rows),
              "## Accuracy", "",
              "| " + " | ".join(h for _, h in cols) + " |",
              "|" + "|".join("---" for _ in cols) + "|"]

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from icl_scale.report.merge import merge_job
-from icl_scale.runtime.rundir import job_dir, job_meta_path, load_run
+from icl_scale.runtime.rundir import ft_log_path, job_dir, job_meta_path, load_run
 
 
 def accuracy_rows(run_dir: Path) -> tuple[dict, list[dict]]:
@@ -23,7 +23,12 @@ def accuracy_rows(run_dir: Path) -> tuple[dict, list[dict]]:
             for setting in cfg["eval"]["methods"]:
                 rec = merge_job(job_dir(run_dir, task, setting, seed), h, meta["eval_ids"], keys=("ids", "gold", "pred"))
                 row[f"acc_{setting}"] = float((rec["pred"] == rec["gold"]).mean())
+                log = ft_log_path(run_dir, task, setting, seed)
+                if log.is_file():
+                    ft = json.loads(log.read_text())
+                    row["ft_steps"] = row.get("ft_steps", 0) + ft["steps"]
+                    row["ft_skipped"] = row.get("ft_skipped", 0) + ft["skipped"]
             rows.append(row)
     info = {"run_dir": str(run_dir), "config_hash": h, "model": cfg["model"]["name"], "methods": cfg["eval"]["methods"],
-            "record_position": cfg["eval"]["record_position"]}
+            "record_position": cfg["eval"]["record_position"], "finetune": cfg["finetune"]}
     return info, rows
