@@ -86,6 +86,8 @@ class FinetuneConfig:
     clip: str = knob("none", "gradient clipping of the trained parameters",
                      choices=("none", "global_l2", "layer_l2", "elem_linf"))
     clip_value: float = knob(1.0, "clipping threshold (L2 norm, or |element| for elem_linf)")
+    deepspeed: str = knob("", "DeepSpeed JSON (ds_configs/zero2.json, zero2_offload.json) to run finetuning "
+                          "steps under a ZeRO engine; empty: plain PyTorch on every rank")
 
 
 @dataclass(frozen=True)

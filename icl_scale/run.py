@@ -16,6 +16,7 @@ finetuned model — the linearized one through its dual pass — and put θ0 bac
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,10 +93,11 @@ def run_setting(cfg, model, job: Job, setting: str, run_dir: Path, h: str, state
     prefix = job.prompts[setting].prefix_ids
     if todo and setting in FT_METHODS:
         trained = trained_params(model, cfg.finetune.train)
-        with restored(trained):
+        backend = ft_backend(cfg, model, trained)
+        with restored(trained, backend):
             seqs = [[job.enc.bos] + job.enc.demo_ids(r) for r in job.ft_rows]
             ft_log, deltas = finetune(model, setting, trained, seqs, job.lr, cfg.finetune.optimizer,
-                                      cfg.finetune.clip, cfg.finetune.clip_value)
+                                      cfg.finetune.clip, cfg.finetune.clip_value, backend)
             if state.is_main_process:
                 rundir.write_ft_log(run_dir, job.task, setting, job.seed, ft_log, h)
             cache = (LinearizedForward(model, trained, deltas, prefix) if setting == "ft_lin"
@@ -105,6 +107,20 @@ def run_setting(cfg, model, job: Job, setting: str, run_dir: Path, h: str, state
         score_share(cfg, model, job, PrefixCache(model, prefix), todo, writer, progress)
     writer.close(expected=len(share))
     log.info("job %s/%s seed %d: %d done now, %d before", job.task, setting, job.seed, len(todo), len(share) - len(todo))
+
+
+_BACKENDS: dict = {}
+
+
+def ft_backend(cfg, model, trained):
+    """The finetuning backend, built once per run: a DeepSpeed engine when finetune.deepspeed is set."""
+    if not cfg.finetune.deepspeed:
+        return None
+    if "engine" not in _BACKENDS:
+        from icl_scale.runtime.engine import DeepSpeedBackend
+
+        _BACKENDS["engine"] = DeepSpeedBackend(model, trained, cfg.finetune.deepspeed)
+    return _BACKENDS["engine"]
 
 
 def score_share(cfg, model, job: Job, cache, todo: list[dict], writer: ShardWriter, progress) -> None:
@@ -120,6 +136,11 @@ def score_share(cfg, model, job: Job, cache, todo: list[dict], writer: ShardWrit
 
 
 def run(cfg: C.RunConfig) -> Path | None:
+    if cfg.finetune.deepspeed:
+        from icl_scale.runtime.engine import read_ds_config
+
+        read_ds_config(cfg.finetune.deepspeed)  # bad JSON, unknown key, unsupported stage: before any work
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # the process state must be DeepSpeed's from the start
     state = dist.init_state()
     run_dir = Path(cfg.output.run_dir)
     t0 = time.time()

@@ -15,6 +15,7 @@ import torch
 
 from icl_scale.methods.finetune import layer_causal_loss, linearized_logits, linearized_loss, standard_loss
 from icl_scale.modeling.params import Trained
+from icl_scale.runtime.engine import TorchBackend
 
 CLIPS = ("none", "global_l2", "layer_l2", "elem_linf")
 
@@ -64,8 +65,10 @@ def make_optimizer(name: str, params, lr: float):
 
 
 def finetune(model, method: str, trained: list[Trained], sequences: list[list[int]], lr: float,
-             optimizer: str = "sgd", clip: str = "none", clip_value: float = 1.0):
-    """Run one FT method; returns (log, deltas) — deltas for the linearized model, else None."""
+             optimizer: str = "sgd", clip: str = "none", clip_value: float = 1.0, backend=None):
+    """Run one FT method; returns (log, deltas) — deltas for the linearized model, else None.
+    `backend` (runtime/engine.py) runs backward and the update: plain PyTorch by default."""
+    backend = backend or TorchBackend()
     log = FTLog(method, lr, clip, clip_value)
     n_layers = model.config.num_hidden_layers
     params = [t.param for t in trained]
@@ -80,7 +83,7 @@ def finetune(model, method: str, trained: list[Trained], sequences: list[list[in
             loss, _ = layer_causal_loss(model, ids)
         else:
             loss = linearized_loss(model, trained, deltas, ids)
-        grads = list(torch.autograd.grad(loss, params))  # masked to k/v parts by the parameter hooks
+        grads = backend.grads(loss, trained)  # masked to k/v parts by the parameter hooks
         log.steps += 1
         if not torch.isfinite(loss) or not all(torch.isfinite(g).all() for g in grads):
             log.skipped += 1   # counted and reported, never silent
@@ -90,25 +93,19 @@ def finetune(model, method: str, trained: list[Trained], sequences: list[list[in
         log.losses.append(float(loss.detach()))
         log.grad_norms.append(_layer_norms(trained, grads, n_layers))
         clip_(trained, grads, clip, clip_value)
-        targets = deltas if deltas is not None else params
-        for x, g in zip(targets, grads):
-            x.grad = g
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        backend.apply(trained, grads, deltas if deltas is not None else params, opt)
     model.eval()
     return log, deltas
 
 
 @contextmanager
-def restored(trained: list[Trained]):
+def restored(trained: list[Trained], backend=None):
     """Run a block that may finetune the model; θ0 of the trained parameters comes back after."""
     saved = [t.param.detach().clone() for t in trained]
     try:
         yield
     finally:
-        with torch.no_grad():
-            for t, s in zip(trained, saved):
-                t.param.copy_(s)
+        (backend or TorchBackend()).restore(trained, saved)
 
 
 class LinearizedForward:
