@@ -20,6 +20,12 @@ class Encoder:
     spec: TaskSpec
     tok: object
 
+    def __post_init__(self):
+        # the same rows are encoded for every seed and setting: tokenize each once
+        object.__setattr__(self, "_inputs", {})
+        object.__setattr__(self, "_options", [self.tok.encode(" " + w, add_special_tokens=False)
+                                              for w in self.spec.label_words])
+
     @property
     def bos(self) -> int:
         t = self.tok
@@ -30,10 +36,13 @@ class Encoder:
         return self.tok.eos_token_id
 
     def input_ids(self, row: dict) -> list[int]:
-        return self.tok.encode(self.spec.format(row), add_special_tokens=False)
+        text = self.spec.format(row)
+        if text not in self._inputs:
+            self._inputs[text] = self.tok.encode(text, add_special_tokens=False)
+        return list(self._inputs[text])
 
     def options(self) -> list[list[int]]:
-        return [self.tok.encode(" " + w, add_special_tokens=False) for w in self.spec.label_words]
+        return [list(o) for o in self._options]
 
     def demo_ids(self, row: dict) -> list[int]:
         return self.input_ids(row) + self.options()[row["label"]]

@@ -44,22 +44,24 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_manifests(job_dir: Path) -> list[dict]:
+def read_manifests(job_dir: Path, config_hash: str | None = None) -> list[dict]:
+    """Every rank's manifest of a job; with `config_hash`, one written by another config is an error."""
     out = []
     for p in sorted(job_dir.glob("manifest-r*.json")):
         try:
-            out.append(json.loads(p.read_text()) | {"_path": str(p)})
+            m = json.loads(p.read_text()) | {"_path": str(p)}
         except json.JSONDecodeError:
             raise UserError(f"manifest {p}: not valid JSON") from None
+        if config_hash is not None and m["config_hash"] != config_hash:
+            raise UserError(f"manifest {p}: written by config {m['config_hash']}, not {config_hash}")
+        out.append(m)
     return out
 
 
 def done_ids(job_dir: Path, config_hash: str) -> set[int]:
     """Ids held by complete shards of this config (resume skips them)."""
     ids: set[int] = set()
-    for m in read_manifests(job_dir):
-        if m["config_hash"] != config_hash:
-            raise UserError(f"manifest {m['_path']}: written by config {m['config_hash']}, not {config_hash}")
+    for m in read_manifests(job_dir, config_hash):
         for s in m["shards"]:
             if (job_dir / s["file"]).is_file():
                 ids.update(s["ids"])
@@ -154,9 +156,7 @@ def verified_shards(job_dir: Path, config_hash: str) -> list[tuple[Path, dict]]:
     """Every shard listed by the job's manifests, checked: config hash, sha256, count, no id twice.
     Any problem is a UserError naming the file."""
     listed, seen = [], {}
-    for m in read_manifests(job_dir):
-        if m["config_hash"] != config_hash:
-            raise UserError(f"manifest {m['_path']}: written by config {m['config_hash']}, not {config_hash}")
+    for m in read_manifests(job_dir, config_hash):
         for s in m["shards"]:
             p = job_dir / s["file"]
             if not p.is_file():
