@@ -86,8 +86,8 @@ class FinetuneConfig:
     clip: str = knob("none", "gradient clipping of the trained parameters",
                      choices=("none", "global_l2", "layer_l2", "elem_linf"))
     clip_value: float = knob(1.0, "clipping threshold (L2 norm, or |element| for elem_linf)")
-    deepspeed: str = knob("", "DeepSpeed JSON (ds_configs/zero2.json, zero2_offload.json) to run finetuning "
-                          "steps under a ZeRO engine; empty: plain PyTorch on every rank")
+    deepspeed: str = knob("", "DeepSpeed JSON (ds_configs/zero2.json, zero2_offload.json, zero3_offload.json) to "
+                          "run finetuning under a ZeRO engine; empty: plain PyTorch on every rank")
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,8 @@ class OutputConfig:
     run_dir: str = knob("runs/default", "run directory (config, shards, logs)", result=False)
     report_dir: str = knob("reports", "where <run>.md is written", result=False)
     shard_mb: float = knob(16.0, "flush a shard once its records reach this many MiB", result=False)
+    save_ft_weights: bool = knob(False, "save the trained parameters after each finetuning job (δ for linearized "
+                                 "FT) to ft/<task>/<setting>/seed<s>.safetensors", result=False)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from icl_scale.capture.shards import ShardWriter, done_ids
 from icl_scale.methods.evaluate import PrefixCache, score_batch
 from icl_scale.methods.finetune import METHODS as FT_METHODS
 from icl_scale.methods.train import LinearizedForward, finetune, restored
+from icl_scale.runtime.engine import TorchBackend
 from icl_scale.modeling.params import trained_params
 from icl_scale.modeling.load import load_model, max_positions
 from icl_scale.prompts import Encoder, Prompt, fit_prompt, zsl_prompt
@@ -81,58 +82,68 @@ def plan(cfg: C.RunConfig, tok, model_max: int) -> list[Job]:
     return jobs
 
 
-def run_setting(cfg, model, job: Job, setting: str, run_dir: Path, h: str, state, progress) -> None:
-    """Evaluate one setting of a job on this rank's share (finetuning first for FT settings)."""
+def run_setting(cfg, model, job: Job, setting: str, run_dir: Path, h: str, state, progress, backend) -> None:
+    """Evaluate one setting of a job on this rank's share (finetuning first for FT settings).
+    Under ZeRO-3 every forward is a collective: all ranks finetune if any rank has work left, and
+    score the same number of queries (the shorter shares padded with discarded ones)."""
     jd = rundir.job_dir(run_dir, job.task, setting, job.seed)
     share = job.eval_rows[state.process_index::state.num_processes]
     done = done_ids(jd, h)
     todo = [r for r in share if r["id"] not in done]
+    lockstep = getattr(backend, "lockstep", False)
+    steps = dist.all_max(state, len(todo)) if lockstep else len(todo)
     writer = ShardWriter(jd, {"config_hash": h, "task": job.task, "setting": setting, "seed": job.seed},
                          state.process_index, state.num_processes, int(cfg.output.shard_mb * 2**20))
     progress.start(f"{job.task}/{setting} seed {job.seed}", total=len(share), done=len(share) - len(todo))
     prefix = job.prompts[setting].prefix_ids
-    if todo and setting in FT_METHODS:
+    filler = (share or job.eval_rows)[0]
+    if steps and setting in FT_METHODS:
         trained = trained_params(model, cfg.finetune.train)
-        backend = ft_backend(cfg, model, trained)
         with restored(trained, backend):
             seqs = [[job.enc.bos] + job.enc.demo_ids(r) for r in job.ft_rows]
             ft_log, deltas = finetune(model, setting, trained, seqs, job.lr, cfg.finetune.optimizer,
                                       cfg.finetune.clip, cfg.finetune.clip_value, backend)
+            weights = None
+            if cfg.output.save_ft_weights:   # a collective under ZeRO-3: every rank gathers
+                weights = deltas if deltas is not None else backend.full(trained)
             if state.is_main_process:
                 rundir.write_ft_log(run_dir, job.task, setting, job.seed, ft_log, h)
+                if weights is not None:
+                    rundir.write_ft_weights(run_dir, job.task, setting, job.seed, trained, weights, h)
             cache = (LinearizedForward(model, trained, deltas, prefix) if setting == "ft_lin"
                      else PrefixCache(model, prefix))
-            score_share(cfg, model, job, cache, todo, writer, progress)
-    elif todo:
-        score_share(cfg, model, job, PrefixCache(model, prefix), todo, writer, progress)
+            score_share(cfg, model, job, cache, todo, writer, progress, steps, filler)
+    elif steps:
+        score_share(cfg, model, job, PrefixCache(model, prefix), todo, writer, progress, steps, filler)
     writer.close(expected=len(share))
     log.info("job %s/%s seed %d: %d done now, %d before", job.task, setting, job.seed, len(todo), len(share) - len(todo))
 
 
-_BACKENDS: dict = {}
+def ft_backend(cfg, model):
+    """The finetuning backend of the run: a DeepSpeed engine when finetune.deepspeed is set and
+    the run finetunes (built before any forward: ZeRO-3 partitions the model), else plain PyTorch."""
+    if not cfg.finetune.deepspeed or not set(cfg.eval.methods) & set(FT_METHODS):
+        return TorchBackend()
+    from icl_scale.runtime.engine import DeepSpeedBackend
+
+    return DeepSpeedBackend(model, trained_params(model, cfg.finetune.train), cfg.finetune.deepspeed,
+                            cfg.finetune.optimizer)
 
 
-def ft_backend(cfg, model, trained):
-    """The finetuning backend, built once per run: a DeepSpeed engine when finetune.deepspeed is set."""
-    if not cfg.finetune.deepspeed:
-        return None
-    if "engine" not in _BACKENDS:
-        from icl_scale.runtime.engine import DeepSpeedBackend
-
-        _BACKENDS["engine"] = DeepSpeedBackend(model, trained, cfg.finetune.deepspeed)
-    return _BACKENDS["engine"]
-
-
-def score_share(cfg, model, job: Job, cache, todo: list[dict], writer: ShardWriter, progress) -> None:
+def score_share(cfg, model, job: Job, cache, todo: list[dict], writer: ShardWriter, progress, steps: int,
+                filler: dict) -> None:
+    """Score `todo`, then (lockstep) `filler` until `steps` queries ran; only todo is recorded."""
     options = job.enc.options()
     queries = sorted(((job.enc.input_ids(r), r) for r in todo), key=lambda qr: len(qr[0]))  # less padding
+    queries += [(job.enc.input_ids(filler), None)] * (steps - len(todo))
     for i in range(0, len(queries), cfg.eval.batch_size):
         batch = queries[i:i + cfg.eval.batch_size]
         scored = score_batch(model, cache, [q for q, _ in batch], options, cfg.eval.record_position, cfg.eval.capture)
         for (_, row), s in zip(batch, scored):
-            writer.add({"id": row["id"], "gold": row["label"], "pred": s.pred, "option_scores": s.option_scores,
-                        "attn_out": s.attn_out, "scores": s.scores})
-        progress.advance(len(batch))
+            if row is not None:
+                writer.add({"id": row["id"], "gold": row["label"], "pred": s.pred, "option_scores": s.option_scores,
+                            "attn_out": s.attn_out, "scores": s.scores})
+        progress.advance(sum(row is not None for _, row in batch))
 
 
 def run(cfg: C.RunConfig) -> Path | None:
@@ -160,11 +171,12 @@ def run(cfg: C.RunConfig) -> Path | None:
         for job in jobs:
             rundir.write_job_meta(run_dir, job.task, job.seed, job.meta | {"config_hash": h})
     dist.barrier(state)
+    backend = ft_backend(cfg, model)
     with Progress(state, run_dir) as progress:
         log.info("rank %d/%d, model %s, %d jobs", state.process_index, state.num_processes, cfg.model.name, len(jobs))
         for job in jobs:
             for setting in job.prompts:
-                run_setting(cfg, model, job, setting, run_dir, h, state, progress)
+                run_setting(cfg, model, job, setting, run_dir, h, state, progress, backend)
     dist.barrier(state)
     out = None
     if state.is_main_process:

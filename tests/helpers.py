@@ -21,7 +21,7 @@ def run_records(run_dir: Path) -> dict:
     return out
 
 
-def assert_same_records(a: dict, b: dict, atol=1e-5):
+def assert_same_records(a: dict, b: dict, atol=1e-5, rtol=1e-7):
     import numpy as np
 
     assert a.keys() == b.keys()
@@ -29,7 +29,7 @@ def assert_same_records(a: dict, b: dict, atol=1e-5):
         x, y = a[key], b[key]
         for k in ("ids", "gold", "pred"):
             np.testing.assert_array_equal(x[k], y[k], err_msg=f"{key} {k}")
-        np.testing.assert_allclose(x["option_scores"], y["option_scores"], atol=atol, err_msg=str(key))
-        np.testing.assert_allclose(x["attn_out"].astype("f4"), y["attn_out"].astype("f4"), atol=atol, err_msg=str(key))
+        np.testing.assert_allclose(x["option_scores"], y["option_scores"], atol=atol, rtol=rtol, err_msg=str(key))
+        np.testing.assert_allclose(x["attn_out"].astype("f4"), y["attn_out"].astype("f4"), atol=atol, rtol=rtol, err_msg=str(key))
         for s, t in zip(x["scores"], y["scores"]):
-            np.testing.assert_allclose(s.astype("f4"), t.astype("f4"), atol=atol, err_msg=str(key))
+            np.testing.assert_allclose(s.astype("f4"), t.astype("f4"), atol=atol, rtol=rtol, err_msg=str(key))

@@ -36,6 +36,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def atomic_save_file(tensors: dict, path: Path, metadata: dict) -> str:
+    """Write a safetensors file under a temporary name, rename it into place; its sha256."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=metadata)
+    digest = sha256_file(tmp)
+    os.replace(tmp, path)
+    return digest
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -115,10 +124,7 @@ class ShardWriter:
             tensors["n_keys"] = torch.tensor([r["scores"].shape[-1] for r in recs], dtype=torch.int64)
             meta["n_layers"], meta["n_heads"] = str(recs[0]["scores"].shape[0]), str(recs[0]["scores"].shape[1])
         name = f"r{self.rank}-{self.seq:05d}.safetensors"
-        tmp = self.dir / f".{name}.tmp{os.getpid()}"
-        save_file(tensors, str(tmp), metadata=meta)
-        digest = sha256_file(tmp)
-        os.replace(tmp, self.dir / name)
+        digest = atomic_save_file(tensors, self.dir / name, meta)
         self.seq += 1
         self.manifest["shards"].append({"file": name, "sha256": digest, "count": len(recs),
                                         "ids": [r["id"] for r in recs]})

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from icl_scale.methods.finetune import layer_causal_loss, linearized_logits, linearized_loss, standard_loss
-from icl_scale.modeling.params import Trained
+from icl_scale.modeling.params import Trained, full_shape
 from icl_scale.runtime.engine import TorchBackend
 
 CLIPS = ("none", "global_l2", "layer_l2", "elem_linf")
@@ -58,12 +58,6 @@ def clip_(trained: list[Trained], grads: list[torch.Tensor], how: str, value: fl
                 g.mul_(value / norm)
 
 
-def make_optimizer(name: str, params, lr: float):
-    if name == "sgd":  # plain SGD: no momentum, no weight decay
-        return torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=0.0)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-
-
 def finetune(model, method: str, trained: list[Trained], sequences: list[list[int]], lr: float,
              optimizer: str = "sgd", clip: str = "none", clip_value: float = 1.0, backend=None):
     """Run one FT method; returns (log, deltas) — deltas for the linearized model, else None.
@@ -71,9 +65,9 @@ def finetune(model, method: str, trained: list[Trained], sequences: list[list[in
     backend = backend or TorchBackend()
     log = FTLog(method, lr, clip, clip_value)
     n_layers = model.config.num_hidden_layers
-    params = [t.param for t in trained]
-    deltas = [torch.zeros_like(p, requires_grad=False) for p in params] if method == "ft_lin" else None
-    opt = make_optimizer(optimizer, deltas if deltas is not None else params, lr)
+    deltas = ([torch.zeros(full_shape(t.param), dtype=t.param.dtype, device=model.device) for t in trained]
+              if method == "ft_lin" else None)
+    opt = backend.optimizer(optimizer, lr, trained, deltas)
     model.train()  # dropout is 0 everywhere; train mode only for modules that care
     for seq in sequences:
         ids = torch.tensor([seq], device=model.device)
@@ -93,7 +87,7 @@ def finetune(model, method: str, trained: list[Trained], sequences: list[list[in
         log.losses.append(float(loss.detach()))
         log.grad_norms.append(_layer_norms(trained, grads, n_layers))
         clip_(trained, grads, clip, clip_value)
-        backend.apply(trained, grads, deltas if deltas is not None else params, opt)
+        backend.apply(trained, grads, deltas if deltas is not None else [t.param for t in trained], opt)
     model.eval()
     return log, deltas
 
@@ -101,11 +95,12 @@ def finetune(model, method: str, trained: list[Trained], sequences: list[list[in
 @contextmanager
 def restored(trained: list[Trained], backend=None):
     """Run a block that may finetune the model; θ0 of the trained parameters comes back after."""
-    saved = [t.param.detach().clone() for t in trained]
+    backend = backend or TorchBackend()
+    saved = backend.full(trained)
     try:
         yield
     finally:
-        (backend or TorchBackend()).restore(trained, saved)
+        backend.restore(trained, saved)
 
 
 class LinearizedForward:

@@ -80,6 +80,11 @@ def _select(model, which: str) -> list[Trained]:
     return out
 
 
+def full_shape(p: torch.Tensor) -> torch.Size:
+    """A parameter's whole shape, also when ZeRO-3 has partitioned it (its data is then empty)."""
+    return getattr(p, "ds_shape", p.shape)
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
     n = model.config.num_hidden_layers
     for m in model.base_model.modules():

@@ -26,6 +26,15 @@ def barrier(state) -> None:
         torch.distributed.barrier()
 
 
+def all_max(state, value: int) -> int:
+    """The largest `value` over the ranks."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    t = torch.tensor([value], device=state.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
 @contextmanager
 def main_first(state):
     """The main process runs the block first (e.g. a one-time model conversion), then the others."""

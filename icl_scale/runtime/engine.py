@@ -5,6 +5,10 @@ Both see the same data on every rank (batch 1), so a step's gradient is the same
 world size: DeepSpeed averages identical gradients. Both hand the loop full, unpartitioned
 gradients of the trained parameters (for per-layer norms and every clipping mode) and take back
 the clipped ones.
+
+Under ZeRO-3 every parameter is partitioned over the ranks and gathered inside each module's
+forward, so every forward is a collective: the ranks must run the same forwards in lockstep
+(`lockstep`), evaluation included (run.py pads the shorter shares).
 """
 
 from __future__ import annotations
@@ -16,13 +20,26 @@ from pathlib import Path
 import torch
 
 from icl_scale.errors import UserError
+from icl_scale.modeling.params import full_shape
 
 DS_KEYS = {"train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps", "gradient_clipping",
            "zero_force_ds_cpu_optimizer", "zero_optimization", "bf16", "fp16", "steps_per_print", "wall_clock_breakdown",
            "zero_allow_untested_optimizer"}
 
 
+def make_optimizer(name: str, params, lr: float):
+    if name == "sgd":  # plain SGD: no momentum, no weight decay
+        return torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=0.0)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
 class TorchBackend:
+    lockstep = False
+
+    def optimizer(self, name, lr, trained, deltas=None):
+        """The optimizer of one job: over δ for the linearized model, else the trained parameters."""
+        return make_optimizer(name, deltas if deltas is not None else [t.param for t in trained], lr)
+
     def grads(self, loss, trained):
         return list(torch.autograd.grad(loss, [t.param for t in trained]))
 
@@ -31,6 +48,10 @@ class TorchBackend:
             x.grad = g
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    def full(self, trained) -> list[torch.Tensor]:
+        """Copies of the trained parameters, whole."""
+        return [t.param.detach().clone() for t in trained]
 
     def restore(self, trained, saved):
         with torch.no_grad():
@@ -46,20 +67,26 @@ def read_ds_config(path: str) -> dict:
         cfg = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"DeepSpeed config {path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"DeepSpeed config {path}: not a JSON object")
     unknown = sorted(set(cfg) - DS_KEYS)
     if unknown:
         raise UserError(f"DeepSpeed config {path}: unknown key {unknown[0]!r}")
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2):
-        raise UserError(f"DeepSpeed config {path}: ZeRO stage {stage} is not supported for finetuning yet (use 0-2)")
+    if stage not in (0, 1, 2, 3):
+        raise UserError(f"DeepSpeed config {path}: zero_optimization.stage {stage!r} is not one of 0, 1, 2, 3")
     return cfg
 
 
-class DeepSpeedBackend:
-    """One engine for the whole run (built at the first finetuning job); per step: engine
-    backward, full gradients out, clipped gradients back in, engine step."""
+def _identity_jvp(ctx, *tangents):
+    return tangents[0] if len(tangents) == 1 else tangents
 
-    def __init__(self, model, trained, path: str):
+
+class DeepSpeedBackend(TorchBackend):
+    """One engine for the whole run, built before any forward (ZeRO-3 partitions the model); per
+    step: engine backward, full gradients out, clipped gradients back in, engine step."""
+
+    def __init__(self, model, trained, path: str, optimizer: str):
         from accelerate import Accelerator
         from accelerate.utils import DeepSpeedPlugin
 
@@ -68,6 +95,11 @@ class DeepSpeedBackend:
         cfg.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, gradient_clipping=0.0,
                    zero_force_ds_cpu_optimizer=False, bf16={"enabled": False}, fp16={"enabled": False})
         cfg.pop("train_batch_size", None)
+        self.stage = cfg.get("zero_optimization", {}).get("stage", 0)
+        self.lockstep = self.stage == 3
+        if self.lockstep:
+            # ZeRO-3's memory-efficient F.linear is an autograd Function without forward-mode AD
+            cfg["zero_optimization"]["memory_efficient_linear"] = False
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                            ("MASTER_PORT", "29533")):
             os.environ.setdefault(key, value)  # a plain one-process run: no MPI discovery
@@ -79,8 +111,27 @@ class DeepSpeedBackend:
         finally:
             if cpu_flag is not None:
                 os.environ["ACCELERATE_USE_CPU"] = cpu_flag
-        opt = torch.optim.SGD([t.param for t in trained], lr=1.0)
-        self.engine, self.optimizer = self.accelerator.prepare(model, opt)
+        opt = make_optimizer(optimizer, [t.param for t in trained], 1.0)
+        self.engine, self.opt = self.accelerator.prepare(model, opt)
+        if self.lockstep:
+            # ZeRO-3 wraps module outputs and inputs in autograd Functions that are identities in
+            # value but have no jvp; the forward-mode pass of linearized FT goes through them
+            for m in model.modules():
+                for attr in ("pre_bwd_fn", "post_bwd_fn"):
+                    fn = m.__dict__.get(attr)
+                    if fn is not None:
+                        fn.jvp = staticmethod(_identity_jvp)
+
+    def optimizer(self, name, lr, trained, deltas=None):
+        """The engine's optimizer with fresh state and this job's rate; linearized FT trains δ
+        outside the engine with a plain one."""
+        inner = self.engine.optimizer
+        while hasattr(inner, "optimizer"):   # ZeRO wrapper(s) → the torch optimizer of the partitions
+            inner = inner.optimizer
+        inner.state.clear()   # per job: no Adam moments carried over
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        return TorchBackend.optimizer(self, name, lr, trained, deltas) if deltas is not None else self.engine.optimizer
 
     def grads(self, loss, trained):
         from deepspeed.utils import safe_get_full_grad
@@ -88,28 +139,52 @@ class DeepSpeedBackend:
         self.engine.backward(loss)
         out = []
         for t in trained:
-            g = safe_get_full_grad(t.param).detach().clone()
+            g = safe_get_full_grad(t.param).detach().clone().reshape(full_shape(t.param))
             out.append(g * t.mask if t.mask is not None else g)
         return out
 
     def apply(self, trained, grads, opt_targets, opt):
         from deepspeed.utils import safe_set_full_grad
 
-        linearized = opt_targets[0] is not trained[0].param   # δ is ours; θ0 must not move
+        linearized = opt is not self.engine.optimizer   # δ is ours; θ0 must not move
         for t, g in zip(trained, grads):
+            if self.lockstep:   # ZeRO-3 cuts the flat gradient into equal, padded partitions
+                g = torch.nn.functional.pad(g.flatten(), (0, -g.numel() % self.accelerator.num_processes))
             safe_set_full_grad(t.param, g)
-        for group in self.engine.optimizer.param_groups:
-            # a zero-rate step for the linearized model: the engine's own step is what clears its
-            # (possibly offloaded) gradient buffers; zero_grad alone lets them accumulate
-            group["lr"] = 0.0 if linearized else opt.param_groups[0]["lr"]
-        self.engine.step()
         if linearized:
+            # a zero-rate engine step: the engine's own step is what clears its (possibly
+            # offloaded) gradient buffers; zero_grad alone lets them accumulate
+            rates = [group["lr"] for group in self.engine.optimizer.param_groups]
+            for group in self.engine.optimizer.param_groups:
+                group["lr"] = 0.0
+            self.engine.step()
+            for group, lr in zip(self.engine.optimizer.param_groups, rates):
+                group["lr"] = lr
             TorchBackend.apply(self, trained, grads, opt_targets, opt)
+        else:
+            self.engine.step()
+
+    def full(self, trained) -> list[torch.Tensor]:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out = []
+        for t in trained:
+            p = safe_get_full_fp32_param(t.param)
+            out.append((p if p is not None else t.param).detach().clone().reshape(full_shape(t.param)))
+        return out
 
     def restore(self, trained, saved):
+        import deepspeed
         from deepspeed.utils import safe_set_full_fp32_param
 
         with torch.no_grad():
-            for t, s in zip(trained, saved):
-                safe_set_full_fp32_param(t.param, s)
-                t.param.copy_(s)
+            if not self.lockstep:
+                for t, s in zip(trained, saved):
+                    safe_set_full_fp32_param(t.param, s)   # the optimizer's master copy
+                    t.param.copy_(s)
+                return
+            # ZeRO-3: the model's partitions, then the master copy refreshed from them
+            with deepspeed.zero.GatheredParameters([t.param for t in trained], modifier_rank=0):
+                for t, s in zip(trained, saved):
+                    t.param.copy_(s)
+            self.engine.optimizer.refresh_fp32_params()

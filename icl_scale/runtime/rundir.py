@@ -5,6 +5,7 @@
     <run>/jobs/<task>/seed<s>.json   data source, eval ids, effective K, demonstration ids
     <run>/shards/<task>/<setting>/seed<s>/   record shards (capture/shards.py)
     <run>/ft/<task>/<setting>/seed<s>.json   per-step FT loss, per-layer gradient norms, skipped steps
+    <run>/ft/<task>/<setting>/seed<s>.safetensors   trained parameters after FT (output.save_ft_weights)
     <run>/logs/rank<r>.log
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from icl_scale import config as C
-from icl_scale.capture.shards import atomic_write_text, read_manifests
+from icl_scale.capture.shards import atomic_save_file, atomic_write_text, read_manifests
 from icl_scale.errors import UserError
 
 
@@ -69,6 +70,19 @@ def write_ft_log(run_dir: Path, task: str, setting: str, seed: int, log, config_
     p = ft_log_path(run_dir, task, setting, seed)
     p.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(p, json.dumps(dataclasses.asdict(log) | {"config_hash": config_hash}))
+
+
+def ft_weights_path(run_dir: Path, task: str, setting: str, seed: int) -> Path:
+    return run_dir / "ft" / task / setting / f"seed{seed}.safetensors"
+
+
+def write_ft_weights(run_dir: Path, task: str, setting: str, seed: int, trained, weights, config_hash: str) -> None:
+    """The trained parameters after finetuning (δ for the linearized model), fp32, by name."""
+    tensors = {t.name: w.detach().float().cpu().contiguous() for t, w in zip(trained, weights)}
+    p = ft_weights_path(run_dir, task, setting, seed)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_file(tensors, p, {"config_hash": config_hash, "setting": setting,
+                                  "holds": "delta" if setting == "ft_lin" else "weights"})
 
 
 def remove_orphans(run_dir: Path) -> list[Path]:
