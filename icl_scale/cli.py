@@ -20,7 +20,7 @@ from icl_scale.errors import UserError
 
 
 def _run_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("run", help="evaluate (ZSL, ICL) every task and seed, stream shards, write the report",
+    p = sub.add_parser("run", help="evaluate and finetune every task and seed, stream shards, write the report",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", help="YAML file with any subset of the config tree (sections model, data, eval, output)")
     for name, f, typ in C.leaves():
@@ -37,9 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="icl-scale", description="ICL vs finetuning, the whole study as one job.")
     sub = ap.add_subparsers(dest="command", required=True)
     _run_parser(sub)
-    r = sub.add_parser("report", help="rebuild reports/<run>.md from a run dir and print the summary")
+    r = sub.add_parser("report", help="rebuild reports/<run>/ (report.md, metrics.csv, results.json, figures) "
+                                      "from a run dir and print the summary")
     r.add_argument("run_dir")
-    r.add_argument("--report-dir", default="reports")
+    r.add_argument("--report-dir", default="reports", help="the report goes to <report-dir>/<run name>/")
+    r.add_argument("--compare-reference", action="store_true",
+                   help="put the papers' GPT 1.3B figures (DESIGN.md §3) beside each figure")
     return ap
 
 
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             from icl_scale.report.render import write_report
             from icl_scale.runtime.progress import console
 
-            write_report(Path(args.run_dir), Path(args.report_dir), console=console())
+            write_report(Path(args.run_dir), Path(args.report_dir), console=console(), compare=args.compare_reference)
     except UserError as e:
         print(f"icl-scale: error: {e}", file=sys.stderr)
         return 2

@@ -63,8 +63,9 @@ class DataConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     methods: tuple[str, ...] = knob(("zsl", "icl"), "settings: zsl, icl, and the finetuned model evaluated "
-                                    "zero-shot after standard (ft), layer-causal (ft_lc) or linearized (ft_lin) FT",
-                                    choices=("zsl", "icl", "ft", "ft_lc", "ft_lin"))
+                                    "zero-shot after standard (ft), layer-causal (ft_lc), layer-causal with its own "
+                                    "clipping (ft_lc_clip: finetune.lc_clip) or linearized (ft_lin) FT",
+                                    choices=("zsl", "icl", "ft", "ft_lc", "ft_lc_clip", "ft_lin"))
     record_position: str = knob("prediction", "where activations are recorded: the position that "
                                 "predicts the answer, or the first answer token (the reference's choice)",
                                 choices=("prediction", "answer"))
@@ -86,6 +87,9 @@ class FinetuneConfig:
     clip: str = knob("none", "gradient clipping of the trained parameters",
                      choices=("none", "global_l2", "layer_l2", "elem_linf"))
     clip_value: float = knob(1.0, "clipping threshold (L2 norm, or |element| for elem_linf)")
+    lc_clip: str = knob("elem_linf", "clipping of the ft_lc_clip setting (the revisited paper: L-infinity at 12)",
+                        choices=("global_l2", "layer_l2", "elem_linf"))
+    lc_clip_value: float = knob(12.0, "clipping threshold of the ft_lc_clip setting")
     deepspeed: str = knob("", "DeepSpeed JSON (ds_configs/zero2.json, zero2_offload.json, zero3_offload.json) to "
                           "run finetuning under a ZeRO engine; empty: plain PyTorch on every rank")
 
@@ -213,6 +217,8 @@ def validate(cfg: RunConfig) -> None:
             raise UserError(f"config field finetune.lrs: {item!r} is not <task>=<learning rate > 0>")
     if cfg.finetune.clip_value <= 0:
         raise UserError(f"config field finetune.clip_value: {cfg.finetune.clip_value} must be > 0")
+    if cfg.finetune.lc_clip_value <= 0:
+        raise UserError(f"config field finetune.lc_clip_value: {cfg.finetune.lc_clip_value} must be > 0")
     if cfg.output.shard_mb <= 0:
         raise UserError(f"config field output.shard_mb: {cfg.output.shard_mb} must be > 0")
 

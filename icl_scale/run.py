@@ -33,7 +33,7 @@ from icl_scale.modeling.params import trained_params
 from icl_scale.modeling.load import load_model, max_positions
 from icl_scale.prompts import Encoder, Prompt, fit_prompt, zsl_prompt
 from icl_scale.runtime import dist, rundir
-from icl_scale.runtime.progress import Progress
+from icl_scale.runtime.progress import Clock, Progress
 from icl_scale.tasks import get_task
 from icl_scale.tasks.sources import load_source
 from icl_scale.tasks.split import split_task
@@ -101,8 +101,11 @@ def run_setting(cfg, model, job: Job, setting: str, run_dir: Path, h: str, state
         trained = trained_params(model, cfg.finetune.train)
         with restored(trained, backend):
             seqs = [[job.enc.bos] + job.enc.demo_ids(r) for r in job.ft_rows]
-            ft_log, deltas = finetune(model, setting, trained, seqs, job.lr, cfg.finetune.optimizer,
-                                      cfg.finetune.clip, cfg.finetune.clip_value, backend)
+            clip = ((cfg.finetune.lc_clip, cfg.finetune.lc_clip_value) if setting == "ft_lc_clip"
+                    else (cfg.finetune.clip, cfg.finetune.clip_value))
+            with progress.clock.phase("finetune"):
+                ft_log, deltas = finetune(model, setting, trained, seqs, job.lr, cfg.finetune.optimizer, *clip,
+                                          backend)
             weights = None
             if cfg.output.save_ft_weights:   # a collective under ZeRO-3: every rank gathers
                 weights = deltas if deltas is not None else backend.full(trained)
@@ -112,9 +115,11 @@ def run_setting(cfg, model, job: Job, setting: str, run_dir: Path, h: str, state
                     rundir.write_ft_weights(run_dir, job.task, setting, job.seed, trained, weights, h)
             cache = (LinearizedForward(model, trained, deltas, prefix) if setting == "ft_lin"
                      else PrefixCache(model, prefix))
-            score_share(cfg, model, job, cache, todo, writer, progress, steps, filler)
+            with progress.clock.phase("evaluate"):
+                score_share(cfg, model, job, cache, todo, writer, progress, steps, filler)
     elif steps:
-        score_share(cfg, model, job, PrefixCache(model, prefix), todo, writer, progress, steps, filler)
+        with progress.clock.phase("evaluate"):
+            score_share(cfg, model, job, PrefixCache(model, prefix), todo, writer, progress, steps, filler)
     writer.close(expected=len(share))
     log.info("job %s/%s seed %d: %d done now, %d before", job.task, setting, job.seed, len(todo), len(share) - len(todo))
 
@@ -154,12 +159,19 @@ def run(cfg: C.RunConfig) -> Path | None:
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # the process state must be DeepSpeed's from the start
     state = dist.init_state()
     run_dir = Path(cfg.output.run_dir)
-    t0 = time.time()
-    model, tok = load_model(cfg.model.name, cfg.model.attn, cfg.model.dtype, cfg.model.cache_dir,
-                            main_first=lambda: dist.main_first(state), untrained=cfg.model.untrained)
-    model.to(state.device)
-    jobs = plan(cfg, tok, max_positions(model))
+    clock = Clock()
+    with clock.phase("load"):
+        model, tok = load_model(cfg.model.name, cfg.model.attn, cfg.model.dtype, cfg.model.cache_dir,
+                                main_first=lambda: dist.main_first(state), untrained=cfg.model.untrained)
+        model.to(state.device)
+    with clock.phase("plan"):
+        jobs = plan(cfg, tok, max_positions(model))
     h = C.config_hash(cfg)
+    ds_config = None
+    if cfg.finetune.deepspeed:
+        from icl_scale.runtime.engine import read_ds_config
+
+        ds_config = {"file": cfg.finetune.deepspeed, "config": read_ds_config(cfg.finetune.deepspeed)}
     if state.is_main_process:
         from rich.syntax import Syntax
 
@@ -170,9 +182,11 @@ def run(cfg: C.RunConfig) -> Path | None:
         rundir.remove_orphans(run_dir)
         for job in jobs:
             rundir.write_job_meta(run_dir, job.task, job.seed, job.meta | {"config_hash": h})
+        rundir.write_invocation(run_dir, clock, state, ds_config, finished=False)
     dist.barrier(state)
-    backend = ft_backend(cfg, model)
-    with Progress(state, run_dir) as progress:
+    with clock.phase("load"):
+        backend = ft_backend(cfg, model)
+    with Progress(state, run_dir, clock) as progress:
         log.info("rank %d/%d, model %s, %d jobs", state.process_index, state.num_processes, cfg.model.name, len(jobs))
         for job in jobs:
             for setting in job.prompts:
@@ -182,7 +196,8 @@ def run(cfg: C.RunConfig) -> Path | None:
     if state.is_main_process:
         from icl_scale.report.render import write_report
 
+        rundir.write_invocation(run_dir, clock, state, ds_config, finished=True)
         out = write_report(run_dir, Path(cfg.output.report_dir), console=progress.console)
-        log.info("done in %.1fs", time.time() - t0)
+        log.info("done in %.1fs", time.time() - clock.started)
     dist.shutdown(state)
     return out

@@ -48,5 +48,6 @@ def test_default_job_on_two_processes(tmp_path, data_dir):
     attn = records["sst2", "zsl", 1]["attn_out"]
     assert attn.shape == (4, 30, 576) and (abs(attn).sum(-1) > 0).all()
     assert records["sst2", "icl", 1]["scores"][0].shape[:2] == (30, 9)
-    report = (tmp_path / "reports" / "default.md").read_text()
-    assert "| sst2 | 1 |" in report and "| cb | 1 |" in report and f"{meta['k_effective']}/32" in report
+    report = (tmp_path / "reports" / "default" / "report.md").read_text()
+    assert "| ZSL accuracy |" in report and "| SimAM (before FT) |" in report
+    assert "| sst2 | 1 |" in report and f"| cb | 1 | offline:cb-jsonl | 4 of 56 | official | {meta['k_effective']}/32 |" in report

@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from icl_scale.modeling.params import Trained, decoder_layers, final_norm
 
-METHODS = ("ft", "ft_lc", "ft_lin")
+METHODS = ("ft", "ft_lc", "ft_lc_clip", "ft_lin")   # ft_lc_clip: layer-causal with its own clipping
 
 
 def sequence_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -73,7 +73,7 @@ def finetune(model, method: str, trained: list[Trained], sequences: list[list[in
         ids = torch.tensor([seq], device=model.device)
         if method == "ft":
             loss = standard_loss(model, ids)
-        elif method == "ft_lc":
+        elif method in ("ft_lc", "ft_lc_clip"):
             loss, _ = layer_causal_loss(model, ids)
         else:
             loss = linearized_loss(model, trained, deltas, ids)

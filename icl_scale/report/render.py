@@ -1,71 +1,131 @@
-"""Render report rows: markdown (reports/<run>.md) and a rich table, from the same rows."""
+"""The report of a run, a pure function of its run dir:
+
+    <report_dir>/<run>/report.md        the papers' tables, per-task detail, figures, provenance
+    <report_dir>/<run>/metrics.csv      every figure: task, seed (or "all"), metric, layer, value, spread
+    <report_dir>/<run>/results.json     the whole analysis (per seed, per layer, FT logs, summaries)
+    <report_dir>/<run>/*.png            gradient-norm heatmaps and per-layer curves, linked from report.md
+
+The directory is built under a temporary name and swapped in whole: a failed report leaves the
+previous one as it was. The console gets the same tables (rich).
+"""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import math
+import os
+import shutil
 from pathlib import Path
 
 from icl_scale.capture.shards import atomic_write_text
-
-LABELS = {"zsl": "ZSL", "icl": "ICL", "ft": "FT", "ft_lc": "layer-causal FT", "ft_lin": "linearized FT"}
-
-
-def columns(info: dict) -> list[tuple[str, str]]:
-    cols = [("task", "task"), ("seed", "seed")]
-    cols += [(f"acc_{m}", f"{LABELS.get(m, m)} acc") for m in info["methods"]]
-    cols += [("k_effective", "K (effective)"), ("n_eval", "eval size"), ("source", "data source")]
-    return cols
+from icl_scale.report.analysis import analyze
+from icl_scale.report.plots import figures
+from icl_scale.report.provenance import provenance
+from icl_scale.report.tables import Table, finetune_table, interval_table, layer_table, paper_tables
 
 
-def cell(row: dict, key: str) -> str:
-    v = row[key]
-    if key == "k_effective":
-        return f"{v}/{row['k_requested']}"
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
+def md_table(t: Table, level: str = "##") -> list[str]:
+    out = [f"{level} {t.title}", ""]
+    if t.caption:
+        out += [t.caption, ""]
+    out += ["| " + " | ".join(t.header) + " |", "|" + "|".join("---" for _ in t.header) + "|"]
+    out += ["| " + " | ".join(row) + " |" for row in t.rows]
+    return out + [""]
 
 
-def finetune_lines(info: dict, rows: list[dict]) -> list[str]:
-    """How the FT settings were trained (optimizer, trained set, clipping) and their skipped steps."""
-    if not any(m.startswith("ft") for m in info["methods"]):
-        return []
-    ft = info["finetune"]
-    clip = "no clipping" if ft["clip"] == "none" else f"clipping {ft['clip']} at {ft['clip_value']}"
-    steps = sum(r.get("ft_steps", 0) for r in rows)
-    skipped = sum(r.get("ft_skipped", 0) for r in rows)
-    return [f"Finetuning: {ft['optimizer'].upper()} on {ft['train']} parameters, demonstrations: {ft['demos']}, "
-            f"{clip}; {steps} steps, {skipped} skipped (non-finite loss or gradient).", ""]
+def markdown(results: dict, tables: list[Table], figs: list[tuple[str, str]], prov) -> str:
+    lines, data, launches = prov
+    cfg = results["config"]
+    out = [f"# icl_scale run `{Path(results['run_dir']).name}`", "",
+           f"Model `{cfg['model']['name']}` · tasks {', '.join(results['tasks'])} · settings "
+           f"{', '.join(results['methods'])} · config hash `{results['config_hash']}`", ""]
+    for t in tables:
+        out += md_table(t)
+    ft = finetune_table(results)
+    if ft:
+        out += md_table(ft)
+    if figs:
+        out += ["## Figures", ""]
+        for name, caption in figs:
+            out += [f"![{caption}]({name})", "", f"*{caption}*", ""]
+    out += ["## Per task", ""]
+    for task in results["tasks"]:
+        out += md_table(interval_table(results, task), "###")
+        lt = layer_table(results, task)
+        if lt:
+            out += md_table(lt, "###")
+    out += ["## Provenance", "", *lines, ""]
+    out += md_table(data, "###") + md_table(launches, "###")
+    out += ["Also here: `metrics.csv` (every figure, per seed and layer) and `results.json` (the whole analysis).", ""]
+    return "\n".join(out)
 
 
-def markdown(info: dict, rows: list[dict]) -> str:
-    cols = columns(info)
-    lines = [f"# icl_scale run `{Path(info['run_dir']).name}`", "",
-             f"Model: `{info['model']}` · config hash `{info['config_hash']}` · "
-             f"recording position: {info['record_position']}", "", *finetune_lines(info, rows),
-             "## Accuracy", "",
-             "| " + " | ".join(h for _, h in cols) + " |",
-             "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(cell(r, k) for k, _ in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+def metrics_csv(results: dict) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["task", "seed", "metric", "layer", "value", "std", "ci_low", "ci_high"])
+    num = lambda x: "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.6g}"   # noqa: E731
+    for task, t in results["tasks"].items():
+        seeds = list(t["seeds"])
+        for key, s in t["summary"].items():
+            for seed, v in zip(seeds, s["per_seed"]):
+                w.writerow([task, seed, key, "mean", num(v), "", "", ""])
+            w.writerow([task, "all", key, "mean", num(s["mean"]), num(s["std"]), num(s["ci"][0]), num(s["ci"][1])])
+        for seed, r in t["seeds"].items():
+            for key, values in r.get("layers", {}).items():
+                for layer, v in enumerate(values):
+                    w.writerow([task, seed, key, layer, num(v), "", "", ""])
+    return buf.getvalue()
 
 
-def rich_table(info: dict, rows: list[dict]):
-    from rich.table import Table
+def rich_tables(tables: list[Table]):
+    from rich.table import Table as RichTable
 
-    t = Table(title=f"icl_scale · {info['model']} · {Path(info['run_dir']).name}")
-    for key, head in columns(info):
-        t.add_column(head, justify="right" if key.startswith(("acc", "k_", "n_", "seed")) else "left")
-    for r in rows:
-        t.add_row(*(cell(r, k) for k, _ in columns(info)))
-    return t
+    for t in tables:
+        rt = RichTable(title=t.title, caption=t.caption or None)
+        for i, h in enumerate(t.header):
+            rt.add_column(h, justify="left" if i == 0 else "right")
+        for row in t.rows:
+            rt.add_row(*row)
+        yield rt
 
 
-def write_report(run_dir: Path, report_dir: Path, console=None) -> Path:
-    from icl_scale.report.rows import accuracy_rows
+def _json_ready(x):
+    """NaN (an undefined figure) as null: strict JSON."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_ready(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_ready(v) for v in x]
+    return x
 
-    info, rows = accuracy_rows(run_dir)
-    report_dir.mkdir(parents=True, exist_ok=True)
-    out = report_dir / f"{Path(run_dir).name}.md"
-    atomic_write_text(out, markdown(info, rows))
+
+def write_report(run_dir: Path, report_dir: Path, console=None, compare: bool = False) -> Path:
+    """Build the report of run_dir under report_dir/<run name>/ and print its summary."""
+    run_dir = Path(run_dir)
+    results = analyze(run_dir)
+    tables = paper_tables(results, compare)
+    final = Path(report_dir) / run_dir.name
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        figs = figures(results, tmp)
+        atomic_write_text(tmp / "report.md", markdown(results, tables, figs, provenance(run_dir, results)))
+        atomic_write_text(tmp / "metrics.csv", metrics_csv(results))
+        atomic_write_text(tmp / "results.json", json.dumps(_json_ready(results), indent=1, allow_nan=False))
+        old = final.with_name(f".{final.name}.old{os.getpid()}")
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     if console is not None:
-        console.print(rich_table(info, rows))
-        console.print(f"report: {out}")
-    return out
+        for rt in rich_tables(tables):
+            console.print(rt)
+        console.print(f"report: {final / 'report.md'}")
+    return final / "report.md"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
@@ -16,9 +18,26 @@ def console() -> Console:
     return Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
+class Clock:
+    """Wall time per phase (load, plan, finetune, evaluate, report), summed over jobs."""
+
+    def __init__(self):
+        self.phases: dict[str, float] = {}
+        self.started = time.time()
+
+    @contextmanager
+    def phase(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t
+
+
 class Progress:
-    def __init__(self, state, run_dir: Path):
+    def __init__(self, state, run_dir: Path, clock: Clock | None = None):
         self.main = state.is_main_process
+        self.clock = clock or Clock()
         self.console = console()
         logs = Path(run_dir) / "logs"
         logs.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,8 @@
     <run>/ft/<task>/<setting>/seed<s>.json   per-step FT loss, per-layer gradient norms, skipped steps
     <run>/ft/<task>/<setting>/seed<s>.safetensors   trained parameters after FT (output.save_ft_weights)
     <run>/logs/rank<r>.log
+    <run>/invocations/<start>.json   one per launch: world size, device, package versions, DeepSpeed
+                                 config, wall time per phase (the report's provenance)
 """
 
 from __future__ import annotations
@@ -99,3 +101,32 @@ def remove_orphans(run_dir: Path) -> list[Path]:
                 p.unlink()
                 gone.append(p)
     return gone
+
+
+PACKAGES = ("torch", "transformers", "accelerate", "deepspeed", "datasets", "safetensors", "numpy", "rich")
+
+
+def write_invocation(run_dir: Path, clock, state, ds_config: dict | None, finished: bool) -> None:
+    """What ran this launch and how long each phase took (rewritten at the end of the launch)."""
+    import platform
+    import time
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(clock.started))
+    p = run_dir / "invocations" / f"{stamp}.json"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(p, json.dumps({
+        "started": stamp, "finished": finished, "world_size": state.num_processes, "device": str(state.device),
+        "packages": versions, "deepspeed": ds_config, "phases_s": {k: round(v, 3) for k, v in clock.phases.items()},
+        "wall_s": round(time.time() - clock.started, 3)}, indent=1))
+
+
+def read_invocations(run_dir: Path) -> list[dict]:
+    root = run_dir / "invocations"
+    return [json.loads(p.read_text()) for p in sorted(root.glob("*.json"))] if root.is_dir() else []

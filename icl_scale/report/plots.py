@@ -1,0 +1,97 @@
+"""The report's figures (PNG): per task, the per-layer gradient-norm heatmaps of the FT settings
+(layers × steps) and the per-layer SimAOU / SimAM curves."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from icl_scale.report.tables import LABELS, label
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def grad_heatmap(results: dict, task: str, path: Path) -> str | None:
+    """Per-layer L2 gradient norm at every FT step, one panel per FT setting (log colour scale);
+    the first seed. Returns the caption, or None when the task has no FT logs."""
+    from matplotlib.colors import LogNorm
+
+    seed, r = next(iter(results["tasks"][task]["seeds"].items()))
+    logs = {f: log for f, log in r["ft_logs"].items() if log["grad_norms"]}
+    if not logs:
+        return None
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, len(logs), figsize=(4.6 * len(logs), 3.8), squeeze=False, layout="constrained")
+    for ax, (f, log) in zip(axes[0], logs.items()):
+        g = np.array(log["grad_norms"], dtype=float).T      # layers × steps
+        g = np.where(np.isfinite(g) & (g > 0), g, np.nan)
+        finite = g[np.isfinite(g)]
+        norm = LogNorm(vmin=finite.min(), vmax=finite.max()) if len(finite) and finite.min() > 0 else None
+        im = ax.imshow(g, aspect="auto", origin="lower", cmap="viridis", norm=norm, interpolation="nearest")
+        ax.set_title(LABELS[f])
+        ax.set_xlabel("FT step (demonstration)")
+        ax.set_ylabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        fig.colorbar(im, ax=ax, label="gradient L2 norm")
+    fig.suptitle(f"{task}, seed {seed}: per-layer gradient norm of the trained parameters")
+    _save(fig, path)
+    plt.close(fig)
+    return (f"{task}, seed {seed}: L2 norm of each layer's trained-parameter gradient (rows, layer 0 at the bottom) "
+            f"at each FT step (columns), log colour scale; one panel per FT setting.")
+
+
+def layer_curves(results: dict, task: str, path: Path) -> str | None:
+    """SimAOU (left) and SimAM (right) per layer, mean over examples and seeds."""
+    layers = results["tasks"][task]["layers"]
+    if not layers:
+        return None
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
+    for name, values in layers.items():
+        ax = a if name.startswith("simaou/") else b if name.startswith("simam/") else None
+        if ax is None:
+            continue
+        style = ":" if "random" in name else "--" if name == "simam/zsl" else "-"
+        ax.plot(range(len(values)), values, style, marker=".", label=label(name))
+    for ax, title in ((a, "SimAOU"), (b, "SimAM")):
+        ax.set_title(f"{task}: {title} per layer")
+        ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=.3)
+        ax.legend(fontsize=7)
+    _save(fig, path)
+    plt.close(fig)
+    return (f"{task}: per-layer SimAOU (left; dotted: random baselines) and SimAM (right; dashed: before FT), "
+            f"mean over examples and seeds.")
+
+
+def figures(results: dict, out_dir: Path) -> list[tuple[str, str]]:
+    """Write every figure into out_dir; (file name, caption) of each."""
+    made = []
+    for task in results["tasks"]:
+        for name, draw in ((f"{task}_grad_norms.png", grad_heatmap), (f"{task}_layers.png", layer_curves)):
+            caption = draw(results, task, out_dir / name)
+            if caption:
+                made.append((name, caption))
+    return made
+

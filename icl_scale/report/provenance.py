@@ -1,0 +1,59 @@
+"""Where a run's numbers come from: model, data, sizes, seeds, world size, ZeRO stage, package
+versions, wall time per phase, skipped FT steps. Read from the run dir only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from icl_scale.report.tables import Table
+from icl_scale.runtime.rundir import job_dir, read_invocations
+
+
+def provenance(run_dir: Path, results: dict) -> tuple[list[str], Table, Table]:
+    """(bullet lines, per-task data table, per-launch table)."""
+    cfg = results["config"]
+    invocations = read_invocations(Path(run_dir))
+    first = results["tasks"][next(iter(results["tasks"]))]
+    seed0 = next(iter(first["seeds"]))
+    manifest = next(job_dir(Path(run_dir), next(iter(results["tasks"])), results["methods"][0],
+                            int(seed0)).glob("manifest-r*.json"))
+    world = json.loads(manifest.read_text())["world_size"]
+    ds = next((i["deepspeed"] for i in reversed(invocations) if i.get("deepspeed")), None)
+    zero = "none (plain PyTorch on every rank)" if ds is None else \
+        f"ZeRO-{ds['config'].get('zero_optimization', {}).get('stage', 0)} ({ds['file']})"
+    skipped = sum(log["skipped"] for t in results["tasks"].values() for r in t["seeds"].values()
+                  for log in r["ft_logs"].values())
+    steps = sum(log["steps"] for t in results["tasks"].values() for r in t["seeds"].values()
+                for log in r["ft_logs"].values())
+    m, d, f = cfg["model"], cfg["data"], cfg["finetune"]
+    packages = invocations[-1]["packages"] if invocations else {}
+    lines = [
+        f"- Model: `{m['name']}` ({m['dtype']}, {m['attn']} attention{', untrained control' if m['untrained'] else ''})",
+        f"- Seeds: {', '.join(str(s) for s in d['seeds'])}; k requested: {d['k']}; eval cap: {d['eval_max'] or 'none'}",
+        f"- Label switching: " + (f"{d['label_noise']:.0%} of demonstrations ({d['label_noise_mode']})"
+                                  if d["label_noise"] else "none"),
+        f"- World size: {world}; DeepSpeed: {zero}",
+        f"- Finetuning: {f['optimizer']}, trained: {f['train']}, demonstrations: {f['demos']}, clipping: "
+        + ("none" if f["clip"] == "none" else f"{f['clip']} at {f['clip_value']}")
+        + f"; {steps} steps, {skipped} skipped",
+        f"- Recording position: {cfg['eval']['record_position']}; config hash `{results['config_hash']}`",
+        "- Packages: " + ", ".join(f"{k} {v}" for k, v in packages.items()),
+    ]
+    rows = []
+    for task, t in results["tasks"].items():
+        for seed, r in t["seeds"].items():
+            meta = r["meta"]
+            rows.append([task, seed, meta["source"], f"{len(meta['eval_ids'])} of {meta['eval_size_full']}",
+                         "held out of train" if meta["eval_from_train"] else "official",
+                         f"{meta['k_effective']}/{meta['k_requested']}", str(meta["prefix_tokens"]),
+                         str(len(meta.get("corrupted_demo_ids", [])))])
+    data = Table("Data", ["task", "seed", "source", "eval examples", "eval split", "K effective", "prefix tokens",
+                          "corrupted demos"], rows)
+    phases = sorted({p for i in invocations for p in i["phases_s"]})
+    launches = Table("Launches", ["started (UTC)", "finished", "world size", "device"] + [f"{p} (s)" for p in phases]
+                     + ["wall (s)"],
+                     [[i["started"], "yes" if i["finished"] else "no (resumed later)", str(i["world_size"]), i["device"]]
+                      + [f"{i['phases_s'].get(p, 0):.1f}" for p in phases] + [f"{i['wall_s']:.1f}"]
+                      for i in invocations])
+    return lines, data, launches

@@ -1,0 +1,145 @@
+"""The report's tables, built once from the analysis results; markdown, CSV and the console
+summary all draw from them. Tables in the layout of the papers: metrics as rows, tasks as columns."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from icl_scale.report.reference import reference
+
+LABELS = {"zsl": "ZSL", "icl": "ICL", "ft": "FT", "ft_lc": "layer-causal FT", "ft_lc_clip": "layer-causal FT (clipped)",
+          "ft_lin": "linearized FT"}
+RPA_LABELS = {"all": "RPA", "correct": "RPA – changes to correct", "incorrect": "RPA – changes to incorrect",
+              "same_label": "RPA – same new label (reference's variant)"}
+
+
+@dataclass
+class Table:
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    caption: str = ""
+    keys: list[str] = field(default_factory=list)   # the metric key of each row, where rows are metrics
+
+
+def label(key: str) -> str:
+    kind, _, rest = key.partition("/")
+    if kind == "acc":
+        return f"{LABELS.get(rest, rest)} accuracy"
+    if kind == "rec2ftp":
+        return f"Rec2FTP ({LABELS[rest]})"
+    if kind == "rpa":
+        f, v = rest.split("/")
+        return f"{RPA_LABELS[v]} ({LABELS[f]})"
+    if kind == "simaou":
+        if rest.startswith("random_"):
+            return "SimAOU (random, " + ("Uniform[0,1))" if rest == "random_uniform" else "Gaussian)")
+        return f"SimAOU ({LABELS[rest]})"
+    if kind == "simam":
+        return "SimAM (before FT)" if rest == "zsl" else f"SimAM (after {LABELS[rest]})"
+    if kind == "simam_delta":
+        return f"SimAM_Δ ({LABELS[rest]})"
+    return key
+
+
+def fmt(x: float | None, digits: int = 4) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def cell(summary: dict, key: str, task: str, compare: bool) -> str:
+    s = summary.get(key)
+    if s is None:
+        return "–"
+    if math.isnan(s["mean"]):
+        text = "–"
+    else:
+        text = fmt(s["mean"]) + (f" ± {fmt(s['std'])}" if len(s["per_seed"]) > 1 else "")
+    if compare:
+        text += f" ({fmt(reference(key, task))})"
+    return text
+
+
+def metric_table(results: dict, title: str, keys: list[str], caption: str, compare: bool) -> Table | None:
+    tasks = list(results["tasks"])
+    keys = [k for k in keys if any(k in results["tasks"][t]["summary"] for t in tasks)]
+    if not keys:
+        return None
+    rows = []
+    for k in keys:
+        means = [results["tasks"][t]["summary"][k]["mean"] for t in tasks if k in results["tasks"][t]["summary"]]
+        means = [m for m in means if not math.isnan(m)]
+        avg = fmt(sum(means) / len(means)) if means else "–"
+        rows.append([label(k)] + [cell(results["tasks"][t]["summary"], k, t, compare) for t in tasks] + [avg])
+    if compare:
+        caption += " In parentheses: the paper's figure (GPT 1.3B), – where it has none."
+    return Table(title, ["metric"] + tasks + ["average"], rows, caption, keys)
+
+
+def paper_tables(results: dict, compare: bool = False) -> list[Table]:
+    ft, cfg = results["ft_settings"], results["config"]
+    seeds = len(cfg["data"]["seeds"])
+    spread = f" Mean over {seeds} seeds ± standard deviation." if seeds > 1 else " One seed."
+    out = [metric_table(
+        results, "Accuracy and prediction alignment",
+        [f"acc/{m}" for m in results["methods"]] + [f"rec2ftp/{f}" for f in ft]
+        + [f"rpa/{f}/{v}" for f in ft for v in RPA_LABELS],
+        "RPA = |D_ICL ∩ D_FT| / |D_ICL ∪ D_FT|, D_X the examples whose prediction X changed from ZSL." + spread,
+        compare)]
+    out.append(metric_table(
+        results, "SimAOU and SimAM: standard vs layer-causal FT",
+        ["simaou/random_uniform", "simaou/random_gaussian", "simaou/ft", "simaou/ft_lc", "simam/zsl", "simam/ft",
+         "simam/ft_lc", "simam_delta/ft", "simam_delta/ft_lc"],
+        "Means over examples and layers. Random baselines: the FT update replaced by a seeded random vector." + spread,
+        compare))
+    if "ft_lc_clip" in ft:
+        f = cfg["finetune"]
+        out.append(metric_table(
+            results, "Layer-causal FT with clipping",
+            ["simaou/ft", "simaou/ft_lc", "simaou/ft_lc_clip", "simam/zsl", "simam/ft", "simam/ft_lc",
+             "simam/ft_lc_clip", "simam_delta/ft_lc_clip"],
+            f"Clipped setting: {f['lc_clip']} at {f['lc_clip_value']}." + spread, compare))
+    if "ft_lin" in ft:
+        out.append(metric_table(
+            results, "Linearized FT",
+            ["simaou/random_uniform", "simaou/ft", "simaou/ft_lin", "simam/zsl", "simam/ft", "simam/ft_lin",
+             "simam_delta/ft_lin"],
+            "f_lin = f(θ0) + J·δ, evaluated through its dual pass; every task." + spread, compare))
+    return [t for t in out if t is not None]
+
+
+def interval_table(results: dict, task: str) -> Table:
+    """Every headline figure of one task with its spread and bootstrap interval."""
+    summary = results["tasks"][task]["summary"]
+    rows = [[label(k), fmt(s["mean"]), fmt(s["std"]), f"[{fmt(s['ci'][0])}, {fmt(s['ci'][1])}]",
+             ", ".join(fmt(v) for v in s["per_seed"])] for k, s in summary.items()]
+    return Table(f"{task}: all figures", ["metric", "mean", "std over seeds", "bootstrap 95% CI", "per seed"], rows,
+                 "Bootstrap: 1000 resamples of the examples of each seed (seeded), mean over seeds.",
+                 list(summary))
+
+
+def layer_table(results: dict, task: str) -> Table | None:
+    layers = results["tasks"][task]["layers"]
+    if not layers:
+        return None
+    names = list(layers)
+    n = len(layers[names[0]])
+    rows = [[str(i)] + [fmt(layers[k][i]) for k in names] for i in range(n)]
+    return Table(f"{task}: per layer", ["layer"] + [label(k) for k in names], rows,
+                 "Mean over examples (and seeds) at each layer; layer 0 is nearest the input.")
+
+
+def finetune_table(results: dict) -> Table | None:
+    rows = []
+    for task, tr in results["tasks"].items():
+        for seed, r in tr["seeds"].items():
+            for f, log in r["ft_logs"].items():
+                losses = [x for x in log["losses"] if not math.isnan(x)]
+                clip = "none" if log["clip"] == "none" else f"{log['clip']} at {log['clip_value']}"
+                rows.append([task, seed, LABELS[f], f"{log['lr']:g}", clip, str(log["steps"]), str(log["skipped"]),
+                             fmt(losses[0]) if losses else "–", fmt(losses[-1]) if losses else "–"])
+    if not rows:
+        return None
+    return Table("Finetuning runs", ["task", "seed", "setting", "lr", "clipping", "steps", "skipped", "first loss",
+                                     "last loss"], rows,
+                 "Skipped: steps with a non-finite loss or gradient, counted, never silent.")

@@ -1,0 +1,136 @@
+"""Reports from a real run dir: streamed metrics equal an in-memory computation from the merged
+records, CSV/JSON agree, the reference comparison, and every kind of shard damage fails the merge
+with one line naming the file while the previous report stays as it was."""
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from helpers import run_records
+
+TASKS = ("cb", "sst2")
+
+
+def args(tmp, data_dir, *extra):
+    return ["run", "--model.name", "tiny-llama", "--data.tasks", ",".join(TASKS), "--data.k", "6",
+            "--data.seeds", "1,2", "--data.eval_max", "6", "--eval.methods", "zsl,icl,ft,ft_lc,ft_lin",
+            "--model.max_length", "1500", "--output.shard_mb", "0.02", "--data.data_dir", str(data_dir),
+            "--output.run_dir", str(tmp / "run"), "--output.report_dir", str(tmp / "reports"), *extra]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data_dir):
+    tmp = tmp_path_factory.mktemp("report")
+    r = run_cli(args(tmp, data_dir))
+    assert r.returncode == 0, r.stderr
+    return tmp
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_streamed_metrics_equal_in_memory_computation(run):
+    results = json.loads((run / "reports/run/results.json").read_text())
+    records = run_records(run / "run")
+    for task in TASKS:
+        for seed in (1, 2):
+            got = results["tasks"][task]["seeds"][str(seed)]
+            rec = {s: records[task, s, seed] for s in ("zsl", "icl", "ft", "ft_lc", "ft_lin")}
+            gold = rec["zsl"]["gold"]
+            for s, r in rec.items():
+                assert got["acc"][s] == pytest.approx(float(np.mean(r["pred"] == gold)))
+            z, i = (_unit(rec[s]["attn_out"].astype(np.float64)) for s in ("zsl", "icl"))
+            for f in ("ft", "ft_lc", "ft_lin"):
+                u, v = i - z, _unit(rec[f]["attn_out"].astype(np.float64)) - z
+                with np.errstate(all="ignore"):   # CB seed 2 fits no demonstration: no ICL update, NaN
+                    cos = (u * v).sum(-1) / (np.linalg.norm(u, axis=-1) * np.linalg.norm(v, axis=-1))   # [N, L]
+                    want = np.nanmean(cos, 0) if np.isfinite(cos).any() else np.full(cos.shape[1], np.nan)
+                layers = np.array(got["layers"][f"simaou/{f}"], dtype=float)   # null: undefined
+                assert layers == pytest.approx(want, abs=1e-9, nan_ok=True)
+                simam = [np.mean([[np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b) for a, b in zip(x, y)]
+                                  for x, y in zip(mi.astype(np.float64), mf.astype(np.float64))], axis=1)
+                         for mi, mf in zip(rec["icl"]["scores"], rec[f]["scores"])]
+                assert got["similarity"][f"simam/{f}"] == pytest.approx(float(np.nanmean(simam)), abs=1e-9)
+            summary = results["tasks"][task]["summary"]["acc/icl"]
+            assert summary["per_seed"][seed - 1] == got["acc"]["icl"]
+
+
+def test_csv_json_and_report_agree(run):
+    out = run / "reports/run"
+    results = json.loads((out / "results.json").read_text())
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    overall = {(r["task"], r["metric"]): r for r in rows if r["seed"] == "all"}
+    for task in TASKS:
+        for key, s in results["tasks"][task]["summary"].items():
+            row = overall[task, key]
+            if s["mean"] is None:
+                assert row["value"] == ""
+                continue
+            assert float(row["value"]) == pytest.approx(s["mean"], rel=1e-5)
+            lo, hi = float(row["ci_low"]), float(row["ci_high"])
+            assert lo <= hi
+        layers = [r for r in rows if r["task"] == task and r["seed"] == "1" and r["metric"] == "simaou/ft"]
+        assert len(layers) == 3 + 1   # three tiny layers and the layer mean
+    text = (out / "report.md").read_text()
+    for title in ("## Accuracy and prediction alignment", "## SimAOU and SimAM: standard vs layer-causal FT",
+                  "## Linearized FT", "## Figures", "### cb: per layer", "## Provenance"):
+        assert title in text
+    acc = results["tasks"]["sst2"]["summary"]["acc/zsl"]
+    assert f"| ZSL accuracy | " in text and f"{acc['mean']:.4f} ± {acc['std']:.4f}" in text
+    for png in ("cb_grad_norms.png", "sst2_layers.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in text
+
+
+def test_compare_reference_adds_the_papers_figures(run, tmp_path):
+    r = run_cli(["report", str(run / "run"), "--report-dir", str(tmp_path), "--compare-reference"])
+    assert r.returncode == 0, r.stderr
+    text = (tmp_path / "run/report.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| ZSL accuracy |"))
+    assert "(0.3750)" in row and "(0.7050)" in row    # CB and SST-2 zero-shot accuracy of GPT 1.3B
+    assert "the paper's figure" in text
+
+
+def _damage(job, how, other):
+    shard = sorted(job.glob("r*.safetensors"))[0]
+    if how == "corrupt":
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+        return shard, "sha256 does not match"
+    if how == "delete":
+        shard.unlink()
+        return shard, "missing"
+    if how == "foreign_shard":   # a shard of another config dropped in beside the listed ones
+        extra = job / "r1-00000.safetensors"
+        shutil.copy(sorted(other.glob("r*.safetensors"))[0], extra)
+        return extra, "not listed in any manifest"
+    # the job's manifest and shards replaced by another config's
+    for p in job.iterdir():
+        p.unlink()
+    for p in other.iterdir():
+        shutil.copy(p, job / p.name)
+    return job / "manifest-r0.json", "written by config"
+
+
+@pytest.mark.parametrize("how", ["corrupt", "delete", "foreign_shard", "foreign_config"])
+def test_damaged_shards_fail_the_merge_naming_the_file(run, tmp_path, data_dir, how):
+    if not (run / "other/run").is_dir():
+        r = run_cli(args(run / "other", data_dir, "--data.k", "4"))
+        assert r.returncode == 0, r.stderr
+    run_dir = tmp_path / "run"
+    shutil.copytree(run / "run", run_dir)
+    reports = tmp_path / "reports"
+    shutil.copytree(run / "reports", reports)
+    before = {p.name: p.read_bytes() for p in (reports / "run").iterdir()}
+    path, message = _damage(run_dir / "shards/sst2/ft/seed2", how, run / "other/run/shards/sst2/ft/seed2")
+    r = run_cli(["report", str(run_dir), "--report-dir", str(reports)])
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert str(path) in lines[0] and message in lines[0], lines[0]
+    assert {p.name: p.read_bytes() for p in (reports / "run").iterdir()} == before   # the old report stands
+    assert sorted(p.name for p in reports.iterdir()) == ["run"]                      # no temporary left
