@@ -26,7 +26,7 @@ import yaml
 from icl_scale import config as C
 from icl_scale.capture.shards import ShardWriter, done_ids
 from icl_scale.methods.evaluate import PrefixCache, score_batch
-from icl_scale.methods.finetune import METHODS as FT_METHODS
+from icl_scale.methods.finetune import METHODS as FT_METHODS, check_linearizable
 from icl_scale.methods.train import LinearizedForward, finetune, restored
 from icl_scale.runtime.engine import TorchBackend
 from icl_scale.modeling.params import trained_params
@@ -166,6 +166,8 @@ def run(cfg: C.RunConfig) -> Path | None:
         model.to(state.device)
     with clock.phase("plan"):
         jobs = plan(cfg, tok, max_positions(model))
+        if "ft_lin" in cfg.eval.methods:   # before anything is written
+            check_linearizable(model, trained_params(model, cfg.finetune.train))
     h = C.config_hash(cfg)
     ds_config = None
     if cfg.finetune.deepspeed:

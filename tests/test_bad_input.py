@@ -24,6 +24,9 @@ CASES = [
     (["--data.data_dir", "/nonexistent"], "/nonexistent/cb/train.jsonl not found"),
     (["--data.source", "files", "--data.files_dir", "/nonexistent"], "/nonexistent/cb/train.jsonl"),
     (["--output.shard_mb", "0"], "output.shard_mb"),
+    (["--eval.methods", "ft_lin", "--finetune.train", "all"], "trained module transformer.wte is not a linear projection"),
+    (["--finetune.lc_clip_value", "0"], "finetune.lc_clip_value"),
+    (["--finetune.deepspeed", "ds_configs/zero9.json"], "ds_configs/zero9.json not found"),
 ]
 
 

