@@ -1,6 +1,8 @@
-"""Command line: `icl-scale run` (the main job) and `icl-scale report RUN_DIR`.
+"""Command line: `icl-scale run` (the main job), `icl-scale suite` (every variant in one launch) and
+`icl-scale report RUN_DIR`.
 
     icl-scale run --config launcher/default.yaml --data.tasks sst2,cb --data.eval_max 20
+    icl-scale suite --preset smoke --output.run_dir runs/smoke
     ACCELERATE_USE_CPU=true accelerate launch --config_file launcher/cpu_2proc.yaml -m icl_scale run ...
     icl-scale report runs/default
 
@@ -19,10 +21,12 @@ from icl_scale import config as C
 from icl_scale.errors import UserError
 
 
-def _run_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("run", help="evaluate and finetune every task and seed, stream shards, write the report",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", help="YAML file with any subset of the config tree (sections model, data, eval, output)")
+def _config_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", help=f"start from a preset config: {', '.join(C.presets())} "
+                                    "(icl_scale/presets/<name>.yaml)")
+    p.add_argument("--config", help="YAML file with any subset of the config tree (sections "
+                                    "model, data, eval, finetune, output, suite); over the preset")
     for name, f, typ in C.leaves():
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if typing.get_origin(typ) is tuple:
@@ -36,7 +40,9 @@ def _run_parser(sub) -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="icl-scale", description="ICL vs finetuning, the whole study as one job.")
     sub = ap.add_subparsers(dest="command", required=True)
-    _run_parser(sub)
+    _config_parser(sub, "run", "evaluate and finetune every task and seed, stream shards, write the report")
+    _config_parser(sub, "suite", "the whole study in one launch: every variant of suite.variants (base, "
+                                 "label switching, untrained control) as a run, then one suite report")
     r = sub.add_parser("report", help="rebuild reports/<run>/ (report.md, metrics.csv, results.json, figures) "
                                       "from a run dir and print the summary")
     r.add_argument("run_dir")
@@ -49,13 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "run":
+        if args.command in ("run", "suite"):
             overrides = {k: v for k, v in vars(args).items() if "." in k}
-            cfg = C.load(args.config, overrides)
+            cfg = C.load(args.config, overrides, args.preset)
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            from icl_scale.run import run
+            if args.command == "run":
+                from icl_scale.run import run
 
-            run(cfg)
+                run(cfg)
+            else:
+                from icl_scale.suite import suite
+
+                suite(cfg)
         elif args.command == "report":
             from pathlib import Path
 

@@ -104,16 +104,27 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class SuiteConfig:
+    variants: tuple[str, ...] = knob(("base",), "variants of `icl-scale suite`, each a run of its own in "
+                                     "<run_dir>/<variant>: base, label_switch (data.label_noise set to "
+                                     "suite.label_switch), untrained (model.untrained)", result=False,
+                                     choices=("base", "label_switch", "untrained"))
+    label_switch: float = knob(0.5, "fraction of demonstrations the label_switch variant corrupts", result=False)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    suite: SuiteConfig = field(default_factory=SuiteConfig)
 
 
 _SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "eval": EvalConfig, "finetune": FinetuneConfig,
-                  "output": OutputConfig}
+                  "output": OutputConfig, "suite": SuiteConfig}
+PRESETS = Path(__file__).parent / "presets"
 
 
 def leaves():
@@ -217,6 +228,10 @@ def validate(cfg: RunConfig) -> None:
             raise UserError(f"config field finetune.lrs: {item!r} is not <task>=<learning rate > 0>")
     if cfg.finetune.clip_value <= 0:
         raise UserError(f"config field finetune.clip_value: {cfg.finetune.clip_value} must be > 0")
+    if not 0.0 < cfg.suite.label_switch <= 1.0:
+        raise UserError(f"config field suite.label_switch: {cfg.suite.label_switch} must be in (0, 1]")
+    if not cfg.suite.variants:
+        raise UserError("config field suite.variants: no variant given")
     if cfg.finetune.lc_clip_value <= 0:
         raise UserError(f"config field finetune.lc_clip_value: {cfg.finetune.lc_clip_value} must be > 0")
     if cfg.output.shard_mb <= 0:
@@ -239,19 +254,36 @@ def lr_for(cfg: RunConfig, task: str, default: float) -> float:
     return default
 
 
-def load(path: str | None, overrides: dict | None = None) -> RunConfig:
-    file_values = {}
+def _read_yaml(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise UserError(f"{what} {path}: not found")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{what} {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{what} {path}: top level must be a mapping of sections")
+    return values
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
+def load(path: str | None, overrides: dict | None = None, preset: str | None = None) -> RunConfig:
+    """defaults ← preset (icl_scale/presets/<name>.yaml) ← config file ← --section.field overrides."""
+    values: dict = {}
+    if preset:
+        if preset not in presets():
+            raise UserError(f"option --preset: {preset!r} is not one of {', '.join(presets())}")
+        values = _read_yaml(PRESETS / f"{preset}.yaml", "preset")
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file {path}: not found")
-        try:
-            file_values = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"config file {path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(file_values, dict):
-            raise UserError(f"config file {path}: top level must be a mapping of sections")
-    return build(file_values, overrides, source=str(path or "config"))
+        for section, body in _read_yaml(Path(path), "config file").items():
+            if isinstance(body, dict) and isinstance(values.get(section), dict):
+                values[section] = values[section] | body
+            else:
+                values[section] = body
+    return build(values, overrides, source=str(path or (f"preset {preset}" if preset else "config")))
 
 
 def to_dict(cfg: RunConfig) -> dict:

@@ -32,6 +32,7 @@ from icl_scale.runtime.engine import TorchBackend
 from icl_scale.modeling.params import trained_params
 from icl_scale.modeling.load import load_model, max_positions
 from icl_scale.prompts import Encoder, Prompt, fit_prompt, zsl_prompt
+from icl_scale.errors import first_line
 from icl_scale.runtime import dist, rundir
 from icl_scale.runtime.progress import Clock, Progress
 from icl_scale.tasks import get_task
@@ -151,13 +152,23 @@ def score_share(cfg, model, job: Job, cache, todo: list[dict], writer: ShardWrit
         progress.advance(sum(row is not None for _, row in batch))
 
 
-def run(cfg: C.RunConfig) -> Path | None:
+def _injected_fault(job: Job, setting: str, rank: int) -> None:
+    """Testing aid for fault tolerance: ICL_SCALE_FAIL=<task>/<setting>/<seed>[/<rank>] makes that
+    job fail as an out-of-memory would."""
+    spec = os.environ.get("ICL_SCALE_FAIL", "")
+    if spec and spec.split("/")[:3] == [job.task, setting, str(job.seed)] and spec.split("/")[3:] in ([], [str(rank)]):
+        raise RuntimeError(f"injected failure of {spec} (ICL_SCALE_FAIL)")
+
+
+def run(cfg: C.RunConfig, state=None) -> Path | None:
+    """One run. With `state` (a suite's), the process group stays up for the next run."""
     if cfg.finetune.deepspeed:
         from icl_scale.runtime.engine import read_ds_config
 
         read_ds_config(cfg.finetune.deepspeed)  # bad JSON, unknown key, unsupported stage: before any work
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # the process state must be DeepSpeed's from the start
-    state = dist.init_state()
+    owns_state = state is None
+    state = state or dist.init_state()
     run_dir = Path(cfg.output.run_dir)
     clock = Clock()
     with clock.phase("load"):
@@ -188,11 +199,25 @@ def run(cfg: C.RunConfig) -> Path | None:
     dist.barrier(state)
     with clock.phase("load"):
         backend = ft_backend(cfg, model)
-    with Progress(state, run_dir, clock) as progress:
+    # a failing job is recorded and skipped only where jobs hold no collective (plain PyTorch)
+    tolerant = type(backend) is TorchBackend
+    total = sum(len(job.eval_rows) * len(job.prompts) for job in jobs)
+    with Progress(state, run_dir, clock, total=total, jobs=sum(len(job.prompts) for job in jobs)) as progress:
         log.info("rank %d/%d, model %s, %d jobs", state.process_index, state.num_processes, cfg.model.name, len(jobs))
         for job in jobs:
             for setting in job.prompts:
-                run_setting(cfg, model, job, setting, run_dir, h, state, progress, backend)
+                try:
+                    _injected_fault(job, setting, state.process_index)
+                    run_setting(cfg, model, job, setting, run_dir, h, state, progress, backend)
+                    rundir.clear_failure(run_dir, job.task, setting, job.seed, state.process_index)
+                except (RuntimeError, MemoryError) as e:
+                    if not tolerant:
+                        raise
+                    model.eval()
+                    rundir.write_failure(run_dir, job.task, setting, job.seed, state.process_index, e, h)
+                    log.error("job %s/%s seed %d failed: %s", job.task, setting, job.seed, first_line(e))
+                    progress.failed(f"{job.task}/{setting} seed {job.seed}: {first_line(e)}")
+                progress.job_done()
     dist.barrier(state)
     out = None
     if state.is_main_process:
@@ -201,5 +226,6 @@ def run(cfg: C.RunConfig) -> Path | None:
         rundir.write_invocation(run_dir, clock, state, ds_config, finished=True)
         out = write_report(run_dir, Path(cfg.output.report_dir), console=progress.console)
         log.info("done in %.1fs", time.time() - clock.started)
-    dist.shutdown(state)
+    if owns_state:
+        dist.shutdown(state)
     return out

@@ -27,6 +27,9 @@ CASES = [
     (["--eval.methods", "ft_lin", "--finetune.train", "all"], "trained module transformer.wte is not a linear projection"),
     (["--finetune.lc_clip_value", "0"], "finetune.lc_clip_value"),
     (["--finetune.deepspeed", "ds_configs/zero9.json"], "ds_configs/zero9.json not found"),
+    (["--preset", "huge"], "option --preset: 'huge' is not one of paper, reference, smoke"),
+    (["--suite.variants", "base,noisy"], "config field suite.variants: 'noisy'"),
+    (["--suite.label_switch", "0"], "suite.label_switch"),
 ]
 
 
@@ -37,6 +40,28 @@ def test_bad_option(tmp_path, data_dir, extra, message):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("icl-scale: error:") and message in lines[0], r.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "reports").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--suite.variants", "untrained,shuffled"], "config field suite.variants: 'shuffled'"),
+    (["--data.tasks", "sst2,imdb"], "data.tasks"),
+])
+def test_bad_suite_option(tmp_path, data_dir, extra, message):
+    r = run_cli(["suite"] + base(tmp_path, data_dir)[1:] + extra)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "reports").exists()
+
+
+def test_refused_resume_leaves_the_run_and_report_untouched(tmp_path, data_dir):
+    r = run_cli(base(tmp_path, data_dir))
+    assert r.returncode == 0, r.stderr
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "logs" not in p.parts}
+    r = run_cli(base(tmp_path, data_dir) + ["--data.k", "3"])
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "data.k differ" in lines[0], r.stderr
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "logs" not in p.parts}
+    assert after == before
 
 
 def test_malformed_data_file_names_row(tmp_path, data_dir):

@@ -23,7 +23,7 @@ import numpy as np
 from icl_scale.methods.finetune import METHODS as FT_SETTINGS
 from icl_scale.report import metrics as M
 from icl_scale.report.merge import JobRecords
-from icl_scale.runtime.rundir import ft_log_path, job_dir, job_meta_path, load_run
+from icl_scale.runtime.rundir import ft_log_path, job_dir, job_meta_path, load_run, read_failures
 
 RANDOM_KINDS = ("uniform", "gaussian")
 RPA_VARIANTS = ("all", "correct", "incorrect", "same_label")
@@ -63,8 +63,11 @@ def similarities(recs: dict[str, JobRecords], ft: list[str], task: str, seed: in
 
 
 def analyze_job(run_dir: Path, h: str, task: str, seed: int, methods: list[str]) -> tuple[dict, dict]:
-    """(results of one task × seed, per-example arrays for the bootstrap)."""
+    """(results of one task × seed, per-example arrays for the bootstrap). `methods`: the settings
+    that did not fail."""
     meta = json.loads(job_meta_path(run_dir, task, seed).read_text())
+    if not methods:
+        return {"n": len(meta["eval_ids"]), "acc": {}, "meta": meta, "ft_logs": {}}, {}
     recs = {s: JobRecords(job_dir(run_dir, task, s, seed), h, meta["eval_ids"]) for s in methods}
     small = {s: r.small(("ids", "gold", "pred")) for s, r in recs.items()}
     gold = small[methods[0]]["gold"]
@@ -102,14 +105,17 @@ def stats(per_seed: dict[int, dict], examples: dict[int, dict], methods: list[st
             for v in RPA_VARIANTS:
                 figures[f"rpa/{f}/{v}"] = (lambda r, f=f, v=v: r["rpa"][f][v], fields(f),
                                            lambda a, v=v: M.rpa(*a)[v])
-    for name in per_seed[seeds[0]].get("similarity", {}):
+    for name in sorted({n for s in seeds for n in per_seed[s].get("similarity", {})}):
         figures[name] = (lambda r, n=name: r["similarity"][n], (name,), lambda a: float(M.nanmean(a[0])))
     out = {}
     for key, (value, fields, stat) in figures.items():
-        vals = [value(per_seed[s]) for s in seeds]
+        have = [s for s in seeds if all(f in examples[s] for f in fields)]   # a failed setting: left out
+        if not have:
+            continue
+        vals = [value(per_seed[s]) for s in have]
         mean, std = M.mean_std(vals)
-        ci = M.bootstrap_ci([tuple(examples[s][f] for f in fields) for s in seeds], stat, n=BOOTSTRAP)
-        out[key] = {"mean": mean, "std": std, "ci": list(ci), "per_seed": vals}
+        ci = M.bootstrap_ci([tuple(examples[s][f] for f in fields) for s in have], stat, n=BOOTSTRAP)
+        out[key] = {"mean": mean, "std": std, "ci": list(ci), "per_seed": vals, "seeds": have}
     return out
 
 
@@ -119,14 +125,19 @@ def analyze(run_dir: Path) -> dict:
     run = load_run(run_dir)
     cfg, h = run["config"], run["config_hash"]
     methods = list(cfg["eval"]["methods"])
+    failures = [f for f in read_failures(run_dir) if f["config_hash"] == h]
     tasks = {}
     for task in cfg["data"]["tasks"]:
-        per_seed, examples = {}, {}
+        per_seed, examples, failed = {}, {}, {}
         for seed in cfg["data"]["seeds"]:
-            per_seed[seed], examples[seed] = analyze_job(run_dir, h, task, seed, methods)
-        layers = {name: M.nanmean([per_seed[s]["layers"][name] for s in per_seed], axis=0).tolist()
-                  for name in per_seed[cfg["data"]["seeds"][0]].get("layers", {})}
+            bad = {f["setting"] for f in failures if f["task"] == task and f["seed"] == seed}
+            for s in sorted(bad):
+                failed.setdefault(s, []).append(seed)
+            per_seed[seed], examples[seed] = analyze_job(run_dir, h, task, seed, [m for m in methods if m not in bad])
+        names = sorted({n for r in per_seed.values() for n in r.get("layers", {})})
+        layers = {n: M.nanmean([r["layers"][n] for r in per_seed.values() if n in r.get("layers", {})], axis=0).tolist()
+                  for n in names}
         tasks[task] = {"seeds": {str(s): r for s, r in per_seed.items()}, "summary": stats(per_seed, examples, methods),
-                       "layers": layers}
+                       "layers": layers, "failed": failed}
     return {"run_dir": str(run_dir), "config_hash": h, "config": cfg, "methods": methods,
-            "ft_settings": [m for m in methods if m in FT_SETTINGS], "tasks": tasks}
+            "ft_settings": [m for m in methods if m in FT_SETTINGS], "tasks": tasks, "failures": failures}

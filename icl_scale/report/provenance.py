@@ -7,18 +7,15 @@ import json
 from pathlib import Path
 
 from icl_scale.report.tables import Table
-from icl_scale.runtime.rundir import job_dir, read_invocations
+from icl_scale.runtime.rundir import read_invocations
 
 
 def provenance(run_dir: Path, results: dict) -> tuple[list[str], Table, Table]:
     """(bullet lines, per-task data table, per-launch table)."""
     cfg = results["config"]
     invocations = read_invocations(Path(run_dir))
-    first = results["tasks"][next(iter(results["tasks"]))]
-    seed0 = next(iter(first["seeds"]))
-    manifest = next(job_dir(Path(run_dir), next(iter(results["tasks"])), results["methods"][0],
-                            int(seed0)).glob("manifest-r*.json"))
-    world = json.loads(manifest.read_text())["world_size"]
+    manifest = next(Path(run_dir).glob("shards/*/*/*/manifest-r*.json"), None)
+    world = json.loads(manifest.read_text())["world_size"] if manifest else "unknown"
     ds = next((i["deepspeed"] for i in reversed(invocations) if i.get("deepspeed")), None)
     zero = "none (plain PyTorch on every rank)" if ds is None else \
         f"ZeRO-{ds['config'].get('zero_optimization', {}).get('stage', 0)} ({ds['file']})"

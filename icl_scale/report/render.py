@@ -23,7 +23,7 @@ from icl_scale.capture.shards import atomic_write_text
 from icl_scale.report.analysis import analyze
 from icl_scale.report.plots import figures
 from icl_scale.report.provenance import provenance
-from icl_scale.report.tables import Table, finetune_table, interval_table, layer_table, paper_tables
+from icl_scale.report.tables import Table, failure_table, finetune_table, interval_table, layer_table, paper_tables
 
 
 def md_table(t: Table, level: str = "##") -> list[str]:
@@ -46,6 +46,9 @@ def markdown(results: dict, tables: list[Table], figs: list[tuple[str, str]], pr
     ft = finetune_table(results)
     if ft:
         out += md_table(ft)
+    failed = failure_table(results)
+    if failed:
+        out += md_table(failed)
     if figs:
         out += ["## Figures", ""]
         for name, caption in figs:
@@ -68,9 +71,8 @@ def metrics_csv(results: dict) -> str:
     w.writerow(["task", "seed", "metric", "layer", "value", "std", "ci_low", "ci_high"])
     num = lambda x: "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.6g}"   # noqa: E731
     for task, t in results["tasks"].items():
-        seeds = list(t["seeds"])
         for key, s in t["summary"].items():
-            for seed, v in zip(seeds, s["per_seed"]):
+            for seed, v in zip(s["seeds"], s["per_seed"]):
                 w.writerow([task, seed, key, "mean", num(v), "", "", ""])
             w.writerow([task, "all", key, "mean", num(s["mean"]), num(s["std"]), num(s["ci"][0]), num(s["ci"][1])])
         for seed, r in t["seeds"].items():

@@ -43,18 +43,32 @@ def label(key: str) -> str:
     return key
 
 
+def _nan(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
 def fmt(x: float | None, digits: int = 4) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+    return "–" if _nan(x) else f"{x:.{digits}f}"
 
 
-def cell(summary: dict, key: str, task: str, compare: bool) -> str:
-    s = summary.get(key)
-    if s is None:
-        return "–"
-    if math.isnan(s["mean"]):
-        text = "–"
+def settings_of(key: str) -> set[str]:
+    """The settings a figure is computed from."""
+    kind, _, rest = key.partition("/")
+    if kind == "acc":
+        return {rest}
+    setting = rest.split("/")[0]
+    return {"zsl", "icl"} | ({setting} if setting in LABELS and setting not in ("zsl", "icl") else set())
+
+
+def cell(task_results: dict, key: str, task: str, compare: bool) -> str:
+    s = task_results["summary"].get(key)
+    failed = sorted({seed for setting in settings_of(key) for seed in task_results.get("failed", {}).get(setting, [])})
+    if s is None or _nan(s["mean"]):
+        text = "failed" if failed else "–"
     else:
         text = fmt(s["mean"]) + (f" ± {fmt(s['std'])}" if len(s["per_seed"]) > 1 else "")
+        if failed:
+            text += " (seed " + ", ".join(map(str, failed)) + " failed)"
     if compare:
         text += f" ({fmt(reference(key, task))})"
     return text
@@ -68,9 +82,9 @@ def metric_table(results: dict, title: str, keys: list[str], caption: str, compa
     rows = []
     for k in keys:
         means = [results["tasks"][t]["summary"][k]["mean"] for t in tasks if k in results["tasks"][t]["summary"]]
-        means = [m for m in means if not math.isnan(m)]
+        means = [m for m in means if not _nan(m)]
         avg = fmt(sum(means) / len(means)) if means else "–"
-        rows.append([label(k)] + [cell(results["tasks"][t]["summary"], k, t, compare) for t in tasks] + [avg])
+        rows.append([label(k)] + [cell(results["tasks"][t], k, t, compare) for t in tasks] + [avg])
     if compare:
         caption += " In parentheses: the paper's figure (GPT 1.3B), – where it has none."
     return Table(title, ["metric"] + tasks + ["average"], rows, caption, keys)
@@ -112,7 +126,7 @@ def interval_table(results: dict, task: str) -> Table:
     """Every headline figure of one task with its spread and bootstrap interval."""
     summary = results["tasks"][task]["summary"]
     rows = [[label(k), fmt(s["mean"]), fmt(s["std"]), f"[{fmt(s['ci'][0])}, {fmt(s['ci'][1])}]",
-             ", ".join(fmt(v) for v in s["per_seed"])] for k, s in summary.items()]
+             ", ".join(f"{seed}: {fmt(v)}" for seed, v in zip(s["seeds"], s["per_seed"]))] for k, s in summary.items()]
     return Table(f"{task}: all figures", ["metric", "mean", "std over seeds", "bootstrap 95% CI", "per seed"], rows,
                  "Bootstrap: 1000 resamples of the examples of each seed (seeded), mean over seeds.",
                  list(summary))
@@ -129,12 +143,21 @@ def layer_table(results: dict, task: str) -> Table | None:
                  "Mean over examples (and seeds) at each layer; layer 0 is nearest the input.")
 
 
+def failure_table(results: dict) -> Table | None:
+    rows = [[f["task"], str(f["seed"]), LABELS.get(f["setting"], f["setting"]), str(f["rank"]), f["error"]]
+            for f in results.get("failures", [])]
+    if not rows:
+        return None
+    return Table("Failed jobs", ["task", "seed", "setting", "rank", "error"], rows,
+                 "These jobs failed and were left out; the others ran. Rerunning the same command retries them.")
+
+
 def finetune_table(results: dict) -> Table | None:
     rows = []
     for task, tr in results["tasks"].items():
         for seed, r in tr["seeds"].items():
             for f, log in r["ft_logs"].items():
-                losses = [x for x in log["losses"] if not math.isnan(x)]
+                losses = [x for x in log["losses"] if not _nan(x)]
                 clip = "none" if log["clip"] == "none" else f"{log['clip']} at {log['clip_value']}"
                 rows.append([task, seed, LABELS[f], f"{log['lr']:g}", clip, str(log["steps"]), str(log["skipped"]),
                              fmt(losses[0]) if losses else "–", fmt(losses[-1]) if losses else "–"])

@@ -7,6 +7,9 @@
     <run>/ft/<task>/<setting>/seed<s>.json   per-step FT loss, per-layer gradient norms, skipped steps
     <run>/ft/<task>/<setting>/seed<s>.safetensors   trained parameters after FT (output.save_ft_weights)
     <run>/logs/rank<r>.log
+    <run>/failures/<task>/<setting>/seed<s>-r<rank>.json   a job that failed on that rank (error,
+                                 traceback); removed when a rerun completes it
+    <run>/progress/r<rank>.json  examples and jobs this rank has done (the main process's overall bar)
     <run>/invocations/<start>.json   one per launch: world size, device, package versions, DeepSpeed
                                  config, wall time per phase (the report's provenance)
 """
@@ -130,3 +133,30 @@ def write_invocation(run_dir: Path, clock, state, ds_config: dict | None, finish
 def read_invocations(run_dir: Path) -> list[dict]:
     root = run_dir / "invocations"
     return [json.loads(p.read_text()) for p in sorted(root.glob("*.json"))] if root.is_dir() else []
+
+
+def failure_path(run_dir: Path, task: str, setting: str, seed: int, rank: int) -> Path:
+    return run_dir / "failures" / task / setting / f"seed{seed}-r{rank}.json"
+
+
+def write_failure(run_dir: Path, task: str, setting: str, seed: int, rank: int, error: BaseException,
+                  config_hash: str) -> None:
+    import traceback
+
+    from icl_scale.errors import first_line
+
+    p = failure_path(run_dir, task, setting, seed, rank)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(p, json.dumps({"task": task, "setting": setting, "seed": seed, "rank": rank,
+                                     "error": f"{type(error).__name__}: {first_line(error)}",
+                                     "traceback": traceback.format_exception(error)[-6:],
+                                     "config_hash": config_hash}, indent=1))
+
+
+def clear_failure(run_dir: Path, task: str, setting: str, seed: int, rank: int) -> None:
+    failure_path(run_dir, task, setting, seed, rank).unlink(missing_ok=True)
+
+
+def read_failures(run_dir: Path) -> list[dict]:
+    root = run_dir / "failures"
+    return [json.loads(p.read_text()) for p in sorted(root.rglob("*.json"))] if root.is_dir() else []
