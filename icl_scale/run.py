@@ -8,9 +8,11 @@ written; each rank then takes eval examples rank::world_size of every job and st
 to its own shards. Rerunning the same command skips what complete shards hold.
 
 Settings share one evaluation and capture path: zsl and icl score after their prompt's prefix;
-ft, ft_lc and ft_lin finetune on the demonstrations (on every rank: batch 1, at most k steps,
-identical everywhere, so results cannot depend on the world size), then score zero-shot with the
-finetuned model — the linearized one through its dual pass — and put θ0 back.
+ft, ft_lc, ft_lc_clip and ft_lin finetune on the demonstrations (batch 1, at most k steps), then
+score zero-shot with the finetuned model — the linearized one through its dual pass — and put θ0
+back. With plain PyTorch each FT job goes whole to one rank (round robin: FT is the costly part
+and cannot be split); under DeepSpeed every rank takes part in every FT step and then scores its
+share. Either way the results do not depend on the world size.
 """
 
 from __future__ import annotations
@@ -83,12 +85,15 @@ def plan(cfg: C.RunConfig, tok, model_max: int) -> list[Job]:
     return jobs
 
 
-def run_setting(cfg, model, job: Job, setting: str, run_dir: Path, h: str, state, progress, backend) -> None:
+def run_setting(cfg, model, job: Job, setting: str, run_dir: Path, h: str, state, progress, backend,
+                owner: int | None = None) -> None:
     """Evaluate one setting of a job on this rank's share (finetuning first for FT settings).
     Under ZeRO-3 every forward is a collective: all ranks finetune if any rank has work left, and
     score the same number of queries (the shorter shares padded with discarded ones)."""
     jd = rundir.job_dir(run_dir, job.task, setting, job.seed)
-    share = job.eval_rows[state.process_index::state.num_processes]
+    if owner is not None and owner != state.process_index:
+        return   # another rank finetunes and evaluates this one whole
+    share = job.eval_rows if owner is not None else job.eval_rows[state.process_index::state.num_processes]
     done = done_ids(jd, h)
     todo = [r for r in share if r["id"] not in done]
     lockstep = getattr(backend, "lockstep", False)
@@ -110,7 +115,7 @@ def run_setting(cfg, model, job: Job, setting: str, run_dir: Path, h: str, state
             weights = None
             if cfg.output.save_ft_weights:   # a collective under ZeRO-3: every rank gathers
                 weights = deltas if deltas is not None else backend.full(trained)
-            if state.is_main_process:
+            if state.is_main_process or owner is not None:
                 rundir.write_ft_log(run_dir, job.task, setting, job.seed, ft_log, h)
                 if weights is not None:
                     rundir.write_ft_weights(run_dir, job.task, setting, job.seed, trained, weights, h)
@@ -199,16 +204,23 @@ def run(cfg: C.RunConfig, state=None) -> Path | None:
     dist.barrier(state)
     with clock.phase("load"):
         backend = ft_backend(cfg, model)
-    # a failing job is recorded and skipped only where jobs hold no collective (plain PyTorch)
-    tolerant = type(backend) is TorchBackend
+    # Plain PyTorch: no collective inside a job, so a failing job is recorded and skipped, and each
+    # FT job goes whole to one rank (round robin). Under DeepSpeed every rank takes part in every
+    # FT step and scores its share of the eval set.
+    tolerant = not backend.collective
+    ft_jobs = 0
     total = sum(len(job.eval_rows) * len(job.prompts) for job in jobs)
     with Progress(state, run_dir, clock, total=total, jobs=sum(len(job.prompts) for job in jobs)) as progress:
         log.info("rank %d/%d, model %s, %d jobs", state.process_index, state.num_processes, cfg.model.name, len(jobs))
         for job in jobs:
             for setting in job.prompts:
+                owner = None
+                if tolerant and setting in FT_METHODS:
+                    owner, ft_jobs = ft_jobs % state.num_processes, ft_jobs + 1
                 try:
-                    _injected_fault(job, setting, state.process_index)
-                    run_setting(cfg, model, job, setting, run_dir, h, state, progress, backend)
+                    if owner in (None, state.process_index):
+                        _injected_fault(job, setting, state.process_index)
+                    run_setting(cfg, model, job, setting, run_dir, h, state, progress, backend, owner)
                     rundir.clear_failure(run_dir, job.task, setting, job.seed, state.process_index)
                 except (RuntimeError, MemoryError) as e:
                     if not tolerant:

@@ -34,7 +34,8 @@ def make_optimizer(name: str, params, lr: float):
 
 
 class TorchBackend:
-    lockstep = False
+    lockstep = False      # every forward a collective (ZeRO-3)
+    collective = False    # FT steps hold collectives (any DeepSpeed engine)
 
     def optimizer(self, name, lr, trained, deltas=None):
         """The optimizer of one job: over δ for the linearized model, else the trained parameters."""
@@ -97,6 +98,7 @@ class DeepSpeedBackend(TorchBackend):
         cfg.pop("train_batch_size", None)
         self.stage = cfg.get("zero_optimization", {}).get("stage", 0)
         self.lockstep = self.stage == 3
+        self.collective = True
         if self.lockstep:
             # ZeRO-3's memory-efficient F.linear is an autograd Function without forward-mode AD
             cfg["zero_optimization"]["memory_efficient_linear"] = False
