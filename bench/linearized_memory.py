@@ -20,7 +20,7 @@ import time
 METHODS = ("standard", "lean", "reference")
 
 
-def one(method: str, length: int, model_name: str) -> dict:
+def one(method: str, length: int, model_name: str, steps: int) -> dict:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import psutil
     import torch
@@ -65,32 +65,43 @@ def one(method: str, length: int, model_name: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     step()  # warm-up
-    t = time.perf_counter()
-    step()
-    if dev == "cuda":
-        torch.cuda.synchronize()
-    secs = time.perf_counter() - t
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    secs = sorted(times)[len(times) // 2]
     peak = torch.cuda.max_memory_allocated() if dev == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"method": method, "length": length, "peak_mib": (peak - base) / 2**20, "step_s": secs, "device": dev}
+    return {"method": method, "length": length, "peak_mib": (peak - base) / 2**20, "step_s": secs,
+            "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", default="512,1024,2048")
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--steps", type=int, default=0, help="timed steps, median reported (default: 1 on CPU, 5 on GPU)")
     ap.add_argument("--one", nargs=2, metavar=("METHOD", "LENGTH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print("RESULT", json.dumps(one(args.one[0], int(args.one[1]), args.model)))
+        import torch
+
+        steps = args.steps or (5 if torch.cuda.is_available() else 1)
+        print("RESULT", json.dumps(one(args.one[0], int(args.one[1]), args.model, steps)))
         return
     rows = {}
     for length in map(int, args.lengths.split(",")):
         for method in METHODS:
-            out = subprocess.run([sys.executable, __file__, "--model", args.model, "--one", method, str(length)],
+            out = subprocess.run([sys.executable, __file__, "--model", args.model, "--steps", str(args.steps),
+                                  "--one", method, str(length)],
                                  capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
             lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
             rows[method, length] = json.loads(lines[0][7:]) if lines else {"error": (out.stderr.strip().splitlines()
                                                                                      or [f"exit {out.returncode}"])[-1]}
+    print(f"{args.model} on {next((r['device'] for r in rows.values() if 'device' in r), '?')}; "
+          "peak memory above the loaded model, median seconds per step")
     print(f"{'length':>6} {'method':>9} {'peak MiB':>9} {'s/step':>8}  lean/std mem  lean/std time  ref/std mem  ref/std time")
     for length in map(int, args.lengths.split(",")):
         std = rows["standard", length]

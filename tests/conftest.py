@@ -1,4 +1,5 @@
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,11 +28,23 @@ def run_cli(args, cwd=ROOT, env=None, timeout=900):
                           text=True, timeout=timeout)
 
 
-def launch(args, nproc: int, env=None, timeout=900, popen=False):
-    """A real `accelerate launch` with nproc CPU processes (see DESIGN.md §4 for the flags)."""
-    e = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", ACCELERATE_USE_CPU="true", **(env or {}))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launcher" / "cpu_2proc.yaml"),
-           "--num_processes", str(nproc), "--main_process_port", str(29500 + os.getpid() % 500 + nproc),
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args, nproc: int, env=None, timeout=900, popen=False, gpu=False):
+    """A real `accelerate launch` with nproc CPU processes (see DESIGN.md §4 for the flags), or with
+    one process per GPU."""
+    e = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
+    if gpu:
+        where = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    else:
+        e["ACCELERATE_USE_CPU"] = "true"
+        where = ["--config_file", str(ROOT / "launcher" / "cpu_2proc.yaml")]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *where,
+           "--num_processes", str(nproc), "--main_process_port", str(free_port()),
            "-m", "icl_scale", *args]
     if popen:
         return subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

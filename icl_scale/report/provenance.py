@@ -49,8 +49,9 @@ def provenance(run_dir: Path, results: dict) -> tuple[list[str], Table, Table]:
                           "corrupted demos"], rows)
     phases = sorted({p for i in invocations for p in i["phases_s"]})
     launches = Table("Launches", ["started (UTC)", "finished", "world size", "device"] + [f"{p} (s)" for p in phases]
-                     + ["wall (s)"],
+                     + ["wall (s)", "peak GPU MiB (main rank)"],
                      [[i["started"], "yes" if i["finished"] else "no (resumed later)", str(i["world_size"]), i["device"]]
                       + [f"{i['phases_s'].get(p, 0):.1f}" for p in phases] + [f"{i['wall_s']:.1f}"]
+                      + [f"{i['peak_gpu_mib']:.0f}" if i.get("peak_gpu_mib") is not None else "–"]
                       for i in invocations])
     return lines, data, launches

@@ -185,7 +185,9 @@ class DeepSpeedBackend(TorchBackend):
                     safe_set_full_fp32_param(t.param, s)   # the optimizer's master copy
                     t.param.copy_(s)
                 return
-            # ZeRO-3: the model's partitions, then the master copy refreshed from them
+            # ZeRO-3: the model's partitions, then the master copy refreshed from them. On a GPU the
+            # last forward may have left prefetched parameters in flight, which cannot be gathered.
+            self.engine.empty_partition_cache()
             with deepspeed.zero.GatheredParameters([t.param for t in trained], modifier_rank=0):
                 for t, s in zip(trained, saved):
                     t.param.copy_(s)

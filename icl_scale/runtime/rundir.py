@@ -127,7 +127,14 @@ def write_invocation(run_dir: Path, clock, state, ds_config: dict | None, finish
     atomic_write_text(p, json.dumps({
         "started": stamp, "finished": finished, "world_size": state.num_processes, "device": str(state.device),
         "packages": versions, "deepspeed": ds_config, "phases_s": {k: round(v, 3) for k, v in clock.phases.items()},
-        "wall_s": round(time.time() - clock.started, 3)}, indent=1))
+        "wall_s": round(time.time() - clock.started, 3), "peak_gpu_mib": _peak_gpu_mib(state)}, indent=1))
+
+
+def _peak_gpu_mib(state) -> float | None:
+    """This rank's peak allocated GPU memory (None on CPU)."""
+    import torch
+
+    return round(torch.cuda.max_memory_allocated(state.device) / 2**20, 1) if state.device.type == "cuda" else None
 
 
 def read_invocations(run_dir: Path) -> list[dict]:
