@@ -190,6 +190,7 @@ def run(cfg: C.RunConfig, state=None) -> Path | None:
         from icl_scale.runtime.engine import read_ds_config
 
         ds_config = {"file": cfg.finetune.deepspeed, "config": read_ds_config(cfg.finetune.deepspeed)}
+    rundir.check_config(cfg, run_dir)
     if state.is_main_process:
         from rich.syntax import Syntax
 

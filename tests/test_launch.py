@@ -61,10 +61,16 @@ def test_kill_and_rerun_equals_uninterrupted(one_proc, tmp_path, data_dir):
 
 
 def test_changed_config_on_resume_names_fields(one_proc, data_dir):
+    before = {p: p.read_bytes() for p in one_proc.rglob("*") if p.is_file() and "logs" not in p.parts}
     r = run_cli(args(one_proc, data_dir, "--data.k", "4", "--eval.record_position", "answer"))
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "data.k, eval.record_position differ" in lines[0]
+    # two ranks: the launch fails with the same line and writes nothing either
+    r = launch(args(one_proc, data_dir, "--data.k", "4"), nproc=2, timeout=300)
+    assert r.returncode != 0 and "icl-scale: error: run dir" in r.stderr and "data.k differ" in r.stderr
+    after = {p: p.read_bytes() for p in one_proc.rglob("*") if p.is_file() and "logs" not in p.parts}
+    assert after == before
 
 
 def test_report_is_a_function_of_the_run_dir(one_proc, tmp_path):

@@ -34,8 +34,9 @@ def job_meta_path(run_dir: Path, task: str, seed: int) -> Path:
     return run_dir / "jobs" / task / f"seed{seed}.json"
 
 
-def check_or_save_config(cfg: C.RunConfig, run_dir: Path) -> str:
-    """Save the resolved config; on resume, a changed result field is an error naming the fields."""
+def check_config(cfg: C.RunConfig, run_dir: Path) -> str:
+    """On resume, a changed result field is an error naming the fields. Reads only, so every rank
+    runs it and each stops with the reason, not only the main one."""
     h = C.config_hash(cfg)
     path = run_dir / "config.json"
     if path.is_file():
@@ -44,6 +45,13 @@ def check_or_save_config(cfg: C.RunConfig, run_dir: Path) -> str:
             fields = C.diff_fields(old["result_fields"], C.result_dict(cfg))
             raise UserError(f"run dir {run_dir} holds a run of another config: {', '.join(fields)} differ "
                             f"(use another output.run_dir)")
+    return h
+
+
+def check_or_save_config(cfg: C.RunConfig, run_dir: Path) -> str:
+    """Save the resolved config after `check_config`."""
+    h = check_config(cfg, run_dir)
+    path = run_dir / "config.json"
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(C.to_dict(cfg), sort_keys=False))
     atomic_write_text(path, json.dumps({"config_hash": h, "config": C.to_dict(cfg),
