@@ -21,7 +21,7 @@ from pathlib import Path
 from icl_scale import config as C
 from icl_scale.capture.shards import atomic_write_text
 from icl_scale.report.render import md_table
-from icl_scale.report.tables import failure_table, paper_tables
+from icl_scale.report.tables import failure_table, paper_tables, variant_table
 from icl_scale.runtime import dist
 
 VARIANT_TITLES = {"base": "Base", "label_switch": "Label switching", "untrained": "Untrained-model control"}
@@ -56,8 +56,10 @@ def suite_markdown(cfg: C.RunConfig, report_root: Path) -> str:
            f"{', '.join(map(str, cfg.data.seeds))} · settings {', '.join(cfg.eval.methods)}", "",
            "Each variant is a run of its own; its full report (per-task intervals, per-layer tables, figures, "
            "CSV, JSON, provenance) is linked below.", ""]
-    for variant in cfg.suite.variants:
-        results = json.loads((report_root / variant / "results.json").read_text())
+    results_of = {v: json.loads((report_root / v / "results.json").read_text()) for v in cfg.suite.variants}
+    if len(results_of) > 1:
+        out += md_table(variant_table(results_of, VARIANT_TITLES), "#")
+    for variant, results in results_of.items():
         out += [f"# {VARIANT_TITLES[variant]} (`{variant}`)", "", variant_note(cfg, variant), "",
                 f"Full report: [{variant}/report.md]({variant}/report.md)", ""]
         tables = paper_tables(results)

@@ -54,6 +54,15 @@ def test_suite_runs_every_variant_and_reports_them(clean):
     for title in ("# Base (`base`)", "# Label switching (`label_switch`)", "# Untrained-model control (`untrained`)",
                   "## Layer-causal FT with clipping", "## Linearized FT"):
         assert title in text
+    # the variants side by side: each cell the task average of that variant's metrics.csv
+    side = text.split("# Variants side by side")[1].split("\n# ")[0]
+    rows = {line.split(" | ")[0].strip("| "): line.strip(" |").split(" | ")[1:]
+            for line in side.splitlines() if line.startswith("| ") and not line.startswith("| metric")}
+    for row, key in (("ICL accuracy", "acc/icl"), ("SimAOU (FT)", "simaou/ft"), ("SimAM (after FT)", "simam/ft")):
+        for variant, shown in zip(("base", "label_switch", "untrained"), rows[row]):
+            lines = [l.split(",") for l in (clean / "reports" / "smoke" / variant / "metrics.csv").read_text().splitlines()]
+            values = [float(l[4]) for l in lines if l[1] == "all" and l[2] == key and l[3] == "mean" and l[4]]
+            assert float(shown) == pytest.approx(sum(values) / len(values), abs=1e-4), (row, variant)
     # overall progress: every rank's counts add up to every example of every setting
     for variant in ("base", "untrained"):
         counts = [json.loads((runs / variant / "progress" / f"r{r}.json").read_text()) for r in (0, 1)]

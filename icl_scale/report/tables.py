@@ -74,17 +74,36 @@ def cell(task_results: dict, key: str, task: str, compare: bool) -> str:
     return text
 
 
+def task_average(results: dict, key: str) -> float:
+    """The mean over tasks of a figure's mean over seeds (NaN where no task has it)."""
+    means = [r["summary"][key]["mean"] for r in results["tasks"].values() if key in r["summary"]]
+    means = [m for m in means if not _nan(m)]
+    return sum(means) / len(means) if means else math.nan
+
+
+VARIANT_KEYS = ["acc/zsl", "acc/icl", "acc/ft", "acc/ft_lc", "acc/ft_lc_clip", "acc/ft_lin", "rpa/ft/all",
+                "simaou/random_uniform", "simaou/ft", "simaou/ft_lc", "simaou/ft_lin", "simam/zsl", "simam/ft",
+                "simam/ft_lc", "simam/ft_lin"]
+
+
+def variant_table(results_of: dict[str, dict], titles: dict[str, str]) -> Table:
+    """Study variants side by side: each figure's average over tasks, one column per variant."""
+    keys = [k for k in VARIANT_KEYS if any(k in r["summary"] for res in results_of.values()
+                                            for r in res["tasks"].values())]
+    rows = [[label(k)] + [fmt(task_average(res, k)) for res in results_of.values()] for k in keys]
+    return Table("Variants side by side", ["metric"] + [titles[v] for v in results_of], rows,
+                 "Each figure averaged over tasks (and seeds). Label switching shows how much of ICL and FT "
+                 "follows the demonstrations' labels; the untrained control, what the similarity metrics "
+                 "give without pretrained weights.", keys)
+
+
 def metric_table(results: dict, title: str, keys: list[str], caption: str, compare: bool) -> Table | None:
     tasks = list(results["tasks"])
     keys = [k for k in keys if any(k in results["tasks"][t]["summary"] for t in tasks)]
     if not keys:
         return None
-    rows = []
-    for k in keys:
-        means = [results["tasks"][t]["summary"][k]["mean"] for t in tasks if k in results["tasks"][t]["summary"]]
-        means = [m for m in means if not _nan(m)]
-        avg = fmt(sum(means) / len(means)) if means else "–"
-        rows.append([label(k)] + [cell(results["tasks"][t], k, t, compare) for t in tasks] + [avg])
+    rows = [[label(k)] + [cell(results["tasks"][t], k, t, compare) for t in tasks] + [fmt(task_average(results, k))]
+            for k in keys]
     if compare:
         caption += " In parentheses: the paper's figure (GPT 1.3B), – where it has none."
     return Table(title, ["metric"] + tasks + ["average"], rows, caption, keys)
