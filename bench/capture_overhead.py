@@ -8,7 +8,7 @@ import argparse
 
 from common import agnews_setup, median, timed
 
-from icl_scale.methods.evaluate import PrefixCache, score_query
+from icl_scale.methods.evaluate import PrefixCache, score_batch
 
 
 def main():
@@ -16,14 +16,17 @@ def main():
     ap.add_argument("--queries", type=int, default=30)
     ap.add_argument("--data-dir", default="../shared/data")
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--batch", type=int, default=1, help="queries per forward (--eval.batch)")
     args = ap.parse_args()
     model, enc, prompt, rows = agnews_setup(args.data_dir, args.queries, args.model)
     cache = PrefixCache(model, prompt.prefix_ids)
+    queries = [enc.input_ids(row) for row in rows]
     on, off = [], []
-    for row in rows:
-        q = enc.input_ids(row)
-        off.append(timed(lambda: score_query(model, cache, q, enc.options(), do_capture=False))[0])
-        on.append(timed(lambda: score_query(model, cache, q, enc.options(), do_capture=True))[0])
+    for i in range(0, len(queries), args.batch):
+        qs = queries[i:i + args.batch]
+        off.append(timed(lambda: score_batch(model, cache, qs, enc.options(), do_capture=False))[0] / len(qs))
+        on.append(timed(lambda: score_batch(model, cache, qs, enc.options(), do_capture=True))[0] / len(qs))
+    print(f"{args.model} on {model.device}, batches of {args.batch}")
     print(f"median s/query: capture off {median(off):.4f}, on {median(on):.4f} ({len(rows)} queries)")
     print(f"capture overhead = {100 * (median(on) / median(off) - 1):+.1f}% (on/off = {median(on) / median(off):.3f}x)")
 

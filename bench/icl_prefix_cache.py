@@ -48,6 +48,7 @@ def main():
         t, out = timed(lambda: score_batch(model, cache, queries[i:i + args.batch], enc.options(), do_capture=False))
         batched.append(t / len(queries[i:i + args.batch]))
         batch_preds += [s.pred for s in out]
+    print(f"{args.model} on {torch.cuda.get_device_name() if model.device.type == 'cuda' else 'cpu'}")
     print(f"prefix {len(prompt.prefix_ids)} tokens (K={prompt.k_effective}), queries median {median(qlens)} tokens, "
           f"{len(rows)} queries; prefix built once in {build:.3f}s")
     print(f"median s/query: prefix reuse {median(cached):.4f}, full recompute {median(full):.4f}, "
@@ -61,7 +62,7 @@ def main():
 
 def reference_style(model, prefix_ids, q):
     with torch.no_grad():
-        return model(input_ids=torch.tensor([list(prefix_ids) + q])).logits[0, -1]
+        return model(input_ids=torch.tensor([list(prefix_ids) + q], device=model.device)).logits[0, -1]
 
 
 if __name__ == "__main__":

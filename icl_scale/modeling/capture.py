@@ -52,8 +52,9 @@ def _record_scores(module, query, key, scaling, kwargs):
     if cap is None:
         return
     keys = key[:, :, -cap.n_keys:]
-    keys = keys.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # grouped-query attention
-    s = torch.einsum("bhd,bhkd->bhk", query[:, :, -1], keys) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    b, h, d = query.shape[0], query.shape[1], query.shape[-1]
+    q = query[:, :, -1].reshape(b, key.shape[1], h // key.shape[1], d)   # grouped-query attention, no K copy
+    s = torch.einsum("bngd,bnkd->bngk", q, keys).reshape(b, h, -1) * (scaling if scaling is not None else d ** -0.5)
     softcap = kwargs.get("softcap")
     if softcap:
         s = torch.tanh(s / softcap) * softcap
