@@ -1,5 +1,6 @@
 """Study variants: label switching and the untrained-model control."""
 
+import pytest
 import torch
 
 from icl_scale.modeling.load import load_model
@@ -26,9 +27,16 @@ def test_label_switching_flip_and_permute(data_dir):
     assert all("corrupted" not in r for r in clean.demos)  # the pool rows are not touched
 
 
-def test_untrained_control_reinitialises_blocks_only():
-    trained, _ = load_model("tiny-llama", "eager")
-    control, _ = load_model("tiny-llama", "eager", untrained=True)
+@pytest.mark.parametrize("saved", [False, True])
+def test_untrained_control_reinitialises_blocks_only(tmp_path, saved):
+    name = "tiny-llama"
+    if saved:   # loaded through from_pretrained, as every real checkpoint is
+        model, tok = load_model(name, "eager")
+        model.save_pretrained(tmp_path)
+        tok.save_pretrained(tmp_path)
+        name = str(tmp_path)
+    trained, _ = load_model(name, "eager")
+    control, _ = load_model(name, "eager", untrained=True)
     for (n, p), (_, q) in zip(trained.named_parameters(), control.named_parameters()):
         block_linear = ".layers." in n and n.endswith(".weight") and "norm" not in n
         if block_linear:

@@ -90,6 +90,8 @@ def reinit_blocks(model, seed: int = 0) -> None:
     for layer in decoder_layers(model):
         for mod in layer.modules():
             if isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D":
+                for p in mod.parameters(recurse=False):   # from_pretrained marks loaded weights as
+                    p._is_hf_initialized = False           # initialised, and _init_weights skips those
                 model._init_weights(mod)
 
 
