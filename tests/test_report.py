@@ -51,6 +51,7 @@ def test_streamed_metrics_equal_in_memory_computation(run):
                     cos = (u * v).sum(-1) / (np.linalg.norm(u, axis=-1) * np.linalg.norm(v, axis=-1))   # [N, L]
                     want = np.nanmean(cos, 0) if np.isfinite(cos).any() else np.full(cos.shape[1], np.nan)
                 layers = np.array(got["layers"][f"simaou/{f}"], dtype=float)   # null: undefined
+                assert got.get("undefined", {}).get(f"simaou/{f}", [0])[0] == int(np.isnan(cos).sum())
                 assert layers == pytest.approx(want, abs=1e-9, nan_ok=True)
                 simam = [np.mean([[np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b) for a, b in zip(x, y)]
                                   for x, y in zip(mi.astype(np.float64), mf.astype(np.float64))], axis=1)
@@ -82,6 +83,11 @@ def test_csv_json_and_report_agree(run):
         assert title in text
     acc = results["tasks"]["sst2"]["summary"]["acc/zsl"]
     assert f"| ZSL accuracy | " in text and f"{acc['mean']:.4f} ± {acc['std']:.4f}" in text
+    undefined = [f"{t} seed {seed} `{name}` {k} of {n}" for t, task in results["tasks"].items()
+                 for seed, r in task["seeds"].items() for name, (k, n) in sorted(r.get("undefined", {}).items())]
+    assert undefined   # CB seed 2 fits no demonstration: its ICL update is zero, SimAOU undefined
+    line = next(l for l in text.splitlines() if l.startswith("- Similarity values left out as undefined"))
+    assert all(item in line for item in undefined[:8])
     for png in ("cb_grad_norms.png", "sst2_layers.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in text
 

@@ -95,3 +95,28 @@ def test_orphans_of_a_kill_are_removed(tmp_path):
     assert sorted(p.name for p in gone) == [".r0-00002.safetensors.tmp123", "r0-00001.safetensors"]
     assert merge_job(jd, "abc", [0])["ids"].tolist() == [0]
     assert json.loads((jd / "COMPLETE-r0.json").read_text())["share"] == 1
+
+
+def test_values_beyond_float16_are_kept_not_inf(tmp_path):
+    """A diverged finetuning (the untrained model, linearized, at AG News' rate) gives activations
+    past float16's range; the shard keeps them in float32 and the merge reads them back finite."""
+    jd = tmp_path / "job"
+    big, small = record(1, 3), record(2, 3)
+    big["attn_out"] = big["attn_out"] * 1e6
+    big["scores"] = big["scores"] * 1e9
+    w = ShardWriter(jd, META, rank=0, world_size=1, max_bytes=1 << 20)
+    for r in (big, small):
+        w.add(r)
+    w.close(expected=2)
+    merged = merge_job(jd, "abc", [1, 2], keys=("ids", "attn_out", "scores"))
+    assert np.isfinite(merged["attn_out"]).all()
+    np.testing.assert_allclose(merged["attn_out"][0], big["attn_out"].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(merged["scores"][0], big["scores"].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(merged["attn_out"][1], small["attn_out"].numpy(), atol=1e-2)
+    # records within float16's range are still stored at half width
+    jd2 = tmp_path / "job2"
+    w = ShardWriter(jd2, META, rank=0, world_size=1, max_bytes=1 << 20)
+    w.add(record(3, 3))
+    w.close(expected=1)
+    (path, _), = verified_shards(jd2, "abc")
+    assert read_shard(path, ("attn_out",))["attn_out"].dtype == np.float16

@@ -8,6 +8,7 @@ A job dir (one task × setting × seed) holds, per rank:
 Shard tensors (N records, L layers, H heads, d model width):
     ids int64 [N], gold int64 [N], pred int64 [N], option_scores float32 [N, n_options],
     attn_out float16 [N, L, d], scores float16 [sum of L·H·n_i], n_keys int64 [N]
+    (float32 where a value is beyond float16's range, as a diverged finetuning gives: kept, not inf)
 and header metadata: schema, config hash, task, setting, seed, rank, world size, L, H.
 safetensors files cannot be appended to, so records are buffered up to a byte bound and each
 flush is a new file: a killed run loses at most the shard in progress.
@@ -28,6 +29,18 @@ from safetensors.torch import save_file
 from icl_scale.errors import UserError
 
 SCHEMA = 1
+FP16_MAX = torch.finfo(torch.float16).max
+
+
+def stored(t: torch.Tensor) -> torch.Tensor:
+    """float16 halves the shards; a tensor with a value beyond its range stays float32."""
+    return t.to(torch.float32 if bool((t.abs() > FP16_MAX).any()) else torch.float16)
+
+
+def stacked(parts: list[torch.Tensor], cat: bool = False) -> torch.Tensor:
+    """One shard tensor from records stored by `stored`: float32 if any of them is."""
+    dtype = torch.float32 if any(p.dtype == torch.float32 for p in parts) else torch.float16
+    return (torch.cat if cat else torch.stack)([p.to(dtype) for p in parts]).contiguous()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -99,9 +112,9 @@ class ShardWriter:
     def add(self, rec: dict) -> None:
         """rec: id, gold, pred, option_scores (list), and attn_out [L, d] / scores [L, H, n] or None."""
         rec = dict(rec)
-        for key in ("attn_out", "scores"):  # buffered as stored: fp16
+        for key in ("attn_out", "scores"):  # buffered as stored
             if rec.get(key) is not None:
-                rec[key] = rec[key].to(torch.float16)
+                rec[key] = stored(rec[key])
         self.buf.append(rec)
         self.nbytes += 64 + sum(t.nbytes for t in (rec.get("attn_out"), rec.get("scores")) if t is not None)
         if self.nbytes >= self.max_bytes:
@@ -119,8 +132,8 @@ class ShardWriter:
         }
         meta = dict(self.meta)
         if recs[0].get("attn_out") is not None:
-            tensors["attn_out"] = torch.stack([r["attn_out"] for r in recs]).to(torch.float16).contiguous()
-            tensors["scores"] = torch.cat([r["scores"].reshape(-1) for r in recs]).to(torch.float16).contiguous()
+            tensors["attn_out"] = stacked([r["attn_out"] for r in recs])
+            tensors["scores"] = stacked([r["scores"].reshape(-1) for r in recs], cat=True)
             tensors["n_keys"] = torch.tensor([r["scores"].shape[-1] for r in recs], dtype=torch.int64)
             meta["n_layers"], meta["n_heads"] = str(recs[0]["scores"].shape[0]), str(recs[0]["scores"].shape[1])
         name = f"r{self.rank}-{self.seq:05d}.safetensors"

@@ -83,6 +83,9 @@ def analyze_job(run_dir: Path, h: str, task: str, seed: int, methods: list[str])
             res["similarity"] = {name: float(M.nanmean(v)) for name, v in sims.items()}
             res["layers"] = {name: M.nanmean(v, axis=0).tolist() for name, v in sims.items()}
             examples |= {name: M.nanmean(v, axis=1) for name, v in sims.items()}
+            # left out of the means above; the report says how many
+            res["undefined"] = {name: [int(np.isnan(v).sum()), int(v.size)] for name, v in sims.items()
+                                if np.isnan(v).any()}
     res["ft_logs"] = {}
     for f in ft:
         p = ft_log_path(run_dir, task, f, seed)

@@ -70,7 +70,7 @@ class JobRecords:
             yield list(entry["ids"])
 
     def large(self, ids: list[int]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """attn_out [n, L, d] (fp16) and the attention maps ([L, H, n_keys] each) of `ids`, in that
+        """attn_out [n, L, d] (as stored: fp16, or fp32) and the attention maps ([L, H, n_keys] each) of `ids`, in that
         order. Reads shard by shard; one decoded shard is kept for the next call."""
         attn, scores = [None] * len(ids), [None] * len(ids)
         by_shard: dict[Path, list[tuple[int, int]]] = {}

@@ -10,6 +10,15 @@ from icl_scale.report.tables import Table
 from icl_scale.runtime.rundir import read_invocations
 
 
+def undefined_summary(results: dict, most: int = 8) -> str:
+    """Which similarity figures have (example, layer) values left out, and how many of how many."""
+    items = [f"{task} seed {seed} `{name}` {k} of {n}" for task, t in results["tasks"].items()
+             for seed, r in t["seeds"].items() for name, (k, n) in sorted(r.get("undefined", {}).items())]
+    if not items:
+        return "none"
+    return "; ".join(items[:most]) + (f"; and {len(items) - most} more (results.json)" if len(items) > most else "")
+
+
 def provenance(run_dir: Path, results: dict) -> tuple[list[str], Table, Table]:
     """(bullet lines, per-task data table, per-launch table)."""
     cfg = results["config"]
@@ -36,6 +45,8 @@ def provenance(run_dir: Path, results: dict) -> tuple[list[str], Table, Table]:
         + f"; {steps} steps, {skipped} skipped",
         f"- Recording position: {cfg['eval']['record_position']}; config hash `{results['config_hash']}`",
         "- Packages: " + ", ".join(f"{k} {v}" for k, v in packages.items()),
+        "- Similarity values left out as undefined (a zero update, or activations beyond float32): "
+        + undefined_summary(results),
     ]
     rows = []
     for task, t in results["tasks"].items():
