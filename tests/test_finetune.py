@@ -110,9 +110,10 @@ def test_lean_linearized_gradient_equals_reverse_through_jvp_float64(name):
     assert den > 0 and (num / den).item() <= 1e-10
 
 
-@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-neox"])  # smooth activations (OPT's ReLU has kinks)
-def test_linearization_is_exact_at_zero_and_second_order(name):
-    model, tok = load_model(name, "eager", dtype="float64")
+@pytest.mark.parametrize("name,attn", [("tiny-gpt2", "eager"), ("tiny-llama", "eager"), ("tiny-neox", "eager"),
+                                       ("tiny-llama", "sdpa"), ("tiny-gpt2", "sdpa")])  # smooth activations (not OPT's ReLU)
+def test_linearization_is_exact_at_zero_and_second_order(name, attn):
+    model, tok = load_model(name, attn, dtype="float64")
     trained = trained_params(model, "kv")
     ids = ids_of(tok)
     with torch.no_grad():
@@ -173,3 +174,43 @@ def test_finetune_loop_logs_steps_and_restores_theta0(monkeypatch):
     monkeypatch.setattr(T, "standard_loss", lambda m, ids: standard_loss(m, ids) * float("nan"))
     log, _ = T.finetune(model, "ft", trained, seqs, lr=0.1)
     assert log.skipped == 2 and all(torch.equal(t.param, b) for t, b in zip(trained, before))
+
+
+class _Attention(torch.nn.Module):
+    is_causal, layer_idx = True, 0
+
+    def __init__(self, groups):
+        super().__init__()
+        self.num_key_value_groups = groups
+
+
+@pytest.mark.parametrize("heads,kv_heads,q_len,k_len,mask,tangents", [
+    (4, 2, 5, 5, None, "qkv"), (4, 4, 5, 9, "bool", "qkv"), (6, 2, 1, 7, None, "qkv"),
+    (4, 2, 5, 8, "float", "qkv"), (4, 2, 6, 6, "bool", "kv")])
+def test_attention_tangent_equals_math_backend_forward_ad(heads, kv_heads, q_len, k_len, mask, tangents):
+    """The linearized model's attention writes its tangent out (capture._sdpa); it must equal
+    forward-mode AD through SDPA's math backend, grouped-query heads and every mask kind included."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from icl_scale.modeling.capture import _sdpa
+
+    g = torch.Generator().manual_seed(heads * 100 + k_len)
+    shapes = {"q": (2, heads, q_len, 8), "k": (2, kv_heads, k_len, 8), "v": (2, kv_heads, k_len, 8)}
+    primal = {n: torch.randn(s, generator=g, dtype=torch.float64) for n, s in shapes.items()}
+    tangent = {n: torch.randn(s, generator=g, dtype=torch.float64) for n, s in shapes.items() if n in tangents}
+    m = None
+    if mask == "bool":   # causal with a sliding window's cut
+        m = torch.ones(q_len, k_len, dtype=torch.bool).tril(k_len - q_len)
+        m[:, :2] = False
+        m = m[None, None].expand(2, 1, q_len, k_len)
+    elif mask == "float":
+        m = torch.randn(2, 1, q_len, k_len, generator=g, dtype=torch.float64)
+    module = _Attention(heads // kv_heads)
+    with fwAD.dual_level():
+        q, k, v = (fwAD.make_dual(primal[n], tangent[n]) if n in tangent else primal[n] for n in "qkv")
+        got_p, got_t = fwAD.unpack_dual(_sdpa(module, q, k, v, m, scaling=0.3)[0])
+        with sdpa_kernel([SDPBackend.MATH]):
+            want_p, want_t = fwAD.unpack_dual(sdpa_attention_forward(module, q, k, v, m, scaling=0.3, dropout=0.0)[0])
+    assert want_t is not None and want_t.abs().max() > 0.1
+    torch.testing.assert_close(got_p, want_p, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got_t, want_t, rtol=0, atol=1e-12)

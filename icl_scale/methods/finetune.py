@@ -18,7 +18,6 @@ from contextlib import ExitStack, contextmanager
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from icl_scale.errors import UserError
 from icl_scale.modeling.params import Trained, decoder_layers, final_norm
@@ -127,12 +126,11 @@ def tangents(model, trained: list[Trained], deltas: list[torch.Tensor]):
     """Inside a forward-AD dual level, every projection (Linear, GPT-2 Conv1D, the LM head) runs
     its primal and tangent explicitly and the trained ones add J_θ·δ, for whatever weight storage
     the module uses (ZeRO-3 gathers before the forward). Fused attention kernels have no
-    forward-mode AD: SDPA runs its math backend here."""
+    forward-mode AD: the SDPA wrapper (modeling/capture.py) writes the attention tangent out."""
     deltas_of = _deltas_by_module(model, trained, deltas)
     patched = [(m, m.__dict__.get("forward")) for m in _projections(model)]
     with ExitStack() as stack:
         stack.enter_context(fwAD.dual_level())
-        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
         for m, _ in patched:
             m.forward = _projection_forward(m, deltas_of.get(id(m), {}))
         try:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.autograd.forward_ad as fwAD
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
@@ -69,6 +70,17 @@ def _eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
 
 def _sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     _record_scores(module, query, key, scaling, kwargs)
+    if any(fwAD.unpack_dual(t).tangent is not None for t in (query, key, value)):
+        if not dropout and not kwargs.get("softcap") and kwargs.get("s_aux") is None \
+                and kwargs.get("position_bias") is None:
+            return _dual_sdpa(module, query, key, value, attention_mask, scaling, kwargs)
+        with sdpa_kernel([SDPBackend.MATH]):   # the one backend with forward-mode AD
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, **kwargs)
+    return _sdpa_primal(module, query, key, value, attention_mask, scaling, dropout, kwargs)
+
+
+def _sdpa_primal(module, query, key, value, attention_mask, scaling, dropout, kwargs):
     if (query.device.type == "cpu" and query.shape[1] != key.shape[1] and attention_mask is not None
             and attention_mask.dtype == torch.bool and kwargs.get("position_bias") is None and not kwargs.get("softcap")):
         # With a mask (every cached query) transformers repeats K/V per query head; the CPU kernel
@@ -78,6 +90,52 @@ def _sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, 
             enable_gqa=True)
         return out.transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _dual_sdpa(module, query, key, value, attention_mask, scaling, kwargs):
+    """Attention of the linearized model (query, key, value are dual): the primal through the same
+    kernel as a plain forward (so f is exact at δ = 0), the tangent written out,
+        o' = (P ⊙ S')·V + P·V' − rowsum(P ⊙ S') ⊙ o,   S' = (Q'·Kᵀ + Q·K'ᵀ)·scaling,
+    about half the cost of the math backend's forward-mode AD (its masked safe softmax).
+    Grouped-query heads share their K/V without a copy."""
+    (qp, qt), (kp, kt), (vp, vt) = (fwAD.unpack_dual(t) for t in (query, key, value))
+    out, _ = _sdpa_primal(module, qp, kp, vp, attention_mask, scaling, 0.0, kwargs)   # [b, T, h, d]
+    b, h, T, d = qp.shape
+    n_kv, Tk = kp.shape[1], kp.shape[2]
+    g = h // n_kv
+    scale = scaling if scaling is not None else d ** -0.5
+    rows = lambda x: x.reshape(b, n_kv, g * T, x.shape[-1])   # noqa: E731  [b, h, T, ·] -> grouped rows
+    s = (rows(qp) @ kp.transpose(-1, -2)).mul_(scale).view(b, n_kv, g, T, Tk)
+    if attention_mask is None:
+        if T > 1 and getattr(module, "is_causal", True):
+            keep = torch.ones(T, Tk, dtype=torch.bool, device=s.device).tril(Tk - T)
+            s.masked_fill_(~keep, float("-inf"))
+    else:
+        m = attention_mask[..., :Tk]
+        m = m[:, :, None] if m.shape[1] == 1 else m.reshape(b, n_kv, g, T, Tk)
+        if m.dtype == torch.bool:
+            s.masked_fill_(~m, float("-inf"))
+        else:
+            s.add_(m)
+    p = torch.softmax(s, dim=-1, dtype=torch.promote_types(s.dtype, torch.float32)).to(qp.dtype).nan_to_num_(0.0)
+    del s
+    ds = None
+    if qt is not None:
+        ds = rows(qt) @ kp.transpose(-1, -2)
+    if kt is not None:
+        qk = rows(qp) @ kt.transpose(-1, -2)
+        ds = qk if ds is None else ds.add_(qk)
+    p = p.view(b, n_kv, g * T, Tk)
+    o = out.view(b, T, n_kv, g, d).permute(0, 2, 3, 1, 4).reshape(b, n_kv, g * T, d)
+    tangent = torch.zeros_like(o)
+    if ds is not None:
+        a = ds.mul_(scale).mul_(p)
+        tangent += a @ vp - a.sum(-1, keepdim=True) * o
+        del a, ds
+    if vt is not None:
+        tangent += p @ vt
+    tangent = tangent.view(b, n_kv, g, T, d).permute(0, 3, 1, 2, 4).reshape(b, T, h, d)
+    return fwAD.make_dual(out, tangent.contiguous()), None
 
 
 AttentionInterface.register("icl_eager", _eager)
