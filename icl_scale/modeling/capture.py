@@ -107,7 +107,8 @@ def _dual_sdpa(module, query, key, value, attention_mask, scaling, kwargs):
     rows = lambda x: x.reshape(b, n_kv, g * T, x.shape[-1])   # noqa: E731  [b, h, T, ·] -> grouped rows
     s = (rows(qp) @ kp.transpose(-1, -2)).mul_(scale).view(b, n_kv, g, T, Tk)
     if attention_mask is None:
-        if T > 1 and getattr(module, "is_causal", True):
+        causal = kwargs.get("is_causal")
+        if T > 1 and (causal if causal is not None else getattr(module, "is_causal", True)):
             keep = torch.ones(T, Tk, dtype=torch.bool, device=s.device).tril(Tk - T)
             s.masked_fill_(~keep, float("-inf"))
     else:
