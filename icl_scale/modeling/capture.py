@@ -71,8 +71,7 @@ def _eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
 def _sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     _record_scores(module, query, key, scaling, kwargs)
     if any(fwAD.unpack_dual(t).tangent is not None for t in (query, key, value)):
-        if not dropout and not kwargs.get("softcap") and kwargs.get("s_aux") is None \
-                and kwargs.get("position_bias") is None:
+        if not dropout and _plain_scores(kwargs) and kwargs.get("s_aux") is None:
             return _dual_sdpa(module, query, key, value, attention_mask, scaling, kwargs)
         with sdpa_kernel([SDPBackend.MATH]):   # the one backend with forward-mode AD
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
@@ -80,9 +79,14 @@ def _sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, 
     return _sdpa_primal(module, query, key, value, attention_mask, scaling, dropout, kwargs)
 
 
+def _plain_scores(kwargs) -> bool:
+    """Scores are q·kᵀ·scaling plus the mask: no position bias, no softcap."""
+    return kwargs.get("position_bias") is None and not kwargs.get("softcap")
+
+
 def _sdpa_primal(module, query, key, value, attention_mask, scaling, dropout, kwargs):
     if (query.device.type == "cpu" and query.shape[1] != key.shape[1] and attention_mask is not None
-            and attention_mask.dtype == torch.bool and kwargs.get("position_bias") is None and not kwargs.get("softcap")):
+            and attention_mask.dtype == torch.bool and _plain_scores(kwargs)):
         # With a mask (every cached query) transformers repeats K/V per query head; the CPU kernel
         # takes grouped-query attention natively, which saves that copy (~10% of a cached query).
         out = torch.nn.functional.scaled_dot_product_attention(
@@ -105,7 +109,8 @@ def _dual_sdpa(module, query, key, value, attention_mask, scaling, kwargs):
     g = h // n_kv
     scale = scaling if scaling is not None else d ** -0.5
     rows = lambda x: x.reshape(b, n_kv, g * T, x.shape[-1])   # noqa: E731  [b, h, T, ·] -> grouped rows
-    s = (rows(qp) @ kp.transpose(-1, -2)).mul_(scale).view(b, n_kv, g, T, Tk)
+    q_rows = rows(qp)   # a copy when the model hands over a transposed query: made once
+    s = (q_rows @ kp.transpose(-1, -2)).mul_(scale).view(b, n_kv, g, T, Tk)
     if attention_mask is None:
         causal = kwargs.get("is_causal")
         if T > 1 and (causal if causal is not None else getattr(module, "is_causal", True)):
@@ -124,7 +129,7 @@ def _dual_sdpa(module, query, key, value, attention_mask, scaling, kwargs):
     if qt is not None:
         ds = rows(qt) @ kp.transpose(-1, -2)
     if kt is not None:
-        qk = rows(qp) @ kt.transpose(-1, -2)
+        qk = q_rows @ kt.transpose(-1, -2)
         ds = qk if ds is None else ds.add_(qk)
     p = p.view(b, n_kv, g * T, Tk)
     o = out.view(b, T, n_kv, g, d).permute(0, 2, 3, 1, 4).reshape(b, n_kv, g * T, d)
