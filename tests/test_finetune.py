@@ -75,7 +75,7 @@ def deltas_like(trained, scale, seed=0):
     g = torch.Generator().manual_seed(seed)
     out = []
     for t in trained:
-        d = torch.randn(t.param.shape, generator=g, dtype=t.param.dtype) * scale
+        d = (torch.randn(t.param.shape, generator=g, dtype=t.param.dtype) * scale).to(t.param.device)
         out.append(d * t.mask if t.mask is not None else d)
     return out
 
@@ -184,10 +184,20 @@ class _Attention(torch.nn.Module):
         self.num_key_value_groups = groups
 
 
+GPU = pytest.mark.gpu
+NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# float64 on the CPU to rounding; float32 on a GPU, where the primal runs a fused kernel (flash or
+# memory-efficient) and the math backend's reference rounds differently
+DEVICES = [pytest.param("cpu", torch.float64, 1e-12, id="cpu-f64"),
+           pytest.param("cuda", torch.float32, 2e-5, id="cuda-f32", marks=[GPU, NO_CUDA])]
+
+
+@pytest.mark.parametrize("device,dtype,atol", DEVICES)
 @pytest.mark.parametrize("heads,kv_heads,q_len,k_len,mask,tangents", [
     (4, 2, 5, 5, None, "qkv"), (4, 4, 5, 9, "bool", "qkv"), (6, 2, 1, 7, None, "qkv"),
     (4, 2, 5, 8, "float", "qkv"), (4, 2, 6, 6, "bool", "kv")])
-def test_attention_tangent_equals_math_backend_forward_ad(heads, kv_heads, q_len, k_len, mask, tangents):
+def test_attention_tangent_equals_math_backend_forward_ad(heads, kv_heads, q_len, k_len, mask, tangents,
+                                                          device, dtype, atol):
     """The linearized model's attention writes its tangent out (capture._sdpa); it must equal
     forward-mode AD through SDPA's math backend, grouped-query heads and every mask kind included."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -195,16 +205,17 @@ def test_attention_tangent_equals_math_backend_forward_ad(heads, kv_heads, q_len
     from icl_scale.modeling.capture import _sdpa
 
     g = torch.Generator().manual_seed(heads * 100 + k_len)
-    shapes = {"q": (2, heads, q_len, 8), "k": (2, kv_heads, k_len, 8), "v": (2, kv_heads, k_len, 8)}
-    primal = {n: torch.randn(s, generator=g, dtype=torch.float64) for n, s in shapes.items()}
-    tangent = {n: torch.randn(s, generator=g, dtype=torch.float64) for n, s in shapes.items() if n in tangents}
+    shapes = {"q": (2, heads, q_len, 64), "k": (2, kv_heads, k_len, 64), "v": (2, kv_heads, k_len, 64)}
+    primal = {n: torch.randn(s, generator=g, dtype=torch.float64).to(device, dtype) for n, s in shapes.items()}
+    tangent = {n: torch.randn(s, generator=g, dtype=torch.float64).to(device, dtype)
+               for n, s in shapes.items() if n in tangents}
     m = None
     if mask == "bool":   # causal with a sliding window's cut
         m = torch.ones(q_len, k_len, dtype=torch.bool).tril(k_len - q_len)
         m[:, :2] = False
-        m = m[None, None].expand(2, 1, q_len, k_len)
+        m = m[None, None].expand(2, 1, q_len, k_len).to(device)
     elif mask == "float":
-        m = torch.randn(2, 1, q_len, k_len, generator=g, dtype=torch.float64)
+        m = torch.randn(2, 1, q_len, k_len, generator=g, dtype=torch.float64).to(device, dtype)
     module = _Attention(heads // kv_heads)
     with fwAD.dual_level():
         q, k, v = (fwAD.make_dual(primal[n], tangent[n]) if n in tangent else primal[n] for n in "qkv")
@@ -212,5 +223,28 @@ def test_attention_tangent_equals_math_backend_forward_ad(heads, kv_heads, q_len
         with sdpa_kernel([SDPBackend.MATH]):
             want_p, want_t = fwAD.unpack_dual(sdpa_attention_forward(module, q, k, v, m, scaling=0.3, dropout=0.0)[0])
     assert want_t is not None and want_t.abs().max() > 0.1
-    torch.testing.assert_close(got_p, want_p, rtol=0, atol=1e-12)
-    torch.testing.assert_close(got_t, want_t, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got_p, want_p, rtol=0, atol=atol)
+    torch.testing.assert_close(got_t, want_t, rtol=0, atol=atol)
+
+
+@GPU
+@NO_CUDA
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_linearized_model_on_gpu(name):
+    """On a GPU under SDPA's fused kernels (float32): f_lin at δ = 0 is the plain forward exactly,
+    and the lean gradient matches reverse mode through a JVP."""
+    model, tok = load_model(name, "sdpa")
+    model.cuda()
+    trained = trained_params(model, "kv")
+    ids = ids_of(tok).cuda()
+    with torch.no_grad():
+        f0 = model(input_ids=ids).logits
+    assert torch.equal(linearized_logits(model, trained, [torch.zeros_like(t.param) for t in trained], ids), f0)
+    deltas = deltas_like(trained, 0.05)
+    loss = linearized_loss(model, trained, deltas, ids)
+    lean = torch.autograd.grad(loss, [t.param for t in trained])
+    ref = reference_linearized_grad(model, trained, deltas, ids)
+    masked = lambda gs: [g * t.mask if t.mask is not None else g for g, t in zip(gs, trained)]  # noqa: E731
+    num = sum(((a - b) ** 2).sum() for a, b in zip(masked(lean), masked(ref))).sqrt()
+    den = sum((b ** 2).sum() for b in masked(ref)).sqrt()
+    assert den > 0 and (num / den).item() <= 1e-4

@@ -77,16 +77,18 @@ def _owner(model, name_in_model: str):
 def _projection_forward(mod, delta: dict):
     """A Linear/Conv1D forward for the forward-mode pass: primal and tangent as two plain matmuls
     (the weights carry no tangent), plus J·δ of a trained projection. Forward AD's own rule for
-    mm also multiplies by the weights' zero tangent: a third matmul per projection."""
+    mm also multiplies by the weights' zero tangent: a third matmul per projection. The primal is
+    the module's own forward: a GPU's addmm fuses the bias and rounds unlike a matmul then an add,
+    and f must be exact at δ = 0."""
+    plain = mod.forward
     conv1d = type(mod).__name__ == "Conv1D"   # GPT-2: x @ W + b, W [in, out]
 
-    def apply(x, w, b=None):
-        y = x @ w if conv1d else F.linear(x, w)
-        return y if b is None else y + b
+    def apply(x, w):
+        return x @ w if conv1d else F.linear(x, w)
 
     def forward(x):
         primal, tangent = fwAD.unpack_dual(x)
-        out = apply(primal, mod.weight, mod.bias)
+        out = plain(primal)
         if tangent is not None:
             tangent = apply(tangent, mod.weight)
         if delta:
