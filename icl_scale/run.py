@@ -21,6 +21,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import yaml
@@ -30,8 +31,8 @@ from icl_scale.capture.shards import ShardWriter, done_ids
 from icl_scale.methods.evaluate import PrefixCache, score_batch
 from icl_scale.methods.finetune import METHODS as FT_METHODS, check_linearizable
 from icl_scale.methods.train import LinearizedForward, finetune, restored
-from icl_scale.runtime.engine import TorchBackend
-from icl_scale.modeling.params import trained_params
+from icl_scale.runtime.engine import DeepSpeedBackend, TorchBackend, deepspeed_accelerator, loading
+from icl_scale.modeling.params import partitioned, trained_params
 from icl_scale.modeling.load import load_model, max_positions
 from icl_scale.prompts import Encoder, Prompt, fit_prompt, zsl_prompt
 from icl_scale.errors import first_line
@@ -130,15 +131,19 @@ def run_setting(cfg, model, job: Job, setting: str, run_dir: Path, h: str, state
     log.info("job %s/%s seed %d: %d done now, %d before", job.task, setting, job.seed, len(todo), len(share) - len(todo))
 
 
-def ft_backend(cfg, model):
-    """The finetuning backend of the run: a DeepSpeed engine when finetune.deepspeed is set and
-    the run finetunes (built before any forward: ZeRO-3 partitions the model), else plain PyTorch."""
+def ft_accelerator(cfg):
+    """The DeepSpeed Accelerator when finetune.deepspeed is set and the run finetunes, else None."""
     if not cfg.finetune.deepspeed or not set(cfg.eval.methods) & set(FT_METHODS):
-        return TorchBackend()
-    from icl_scale.runtime.engine import DeepSpeedBackend
+        return None
+    return deepspeed_accelerator(cfg.finetune.deepspeed)
 
-    return DeepSpeedBackend(model, trained_params(model, cfg.finetune.train), cfg.finetune.deepspeed,
-                            cfg.finetune.optimizer)
+
+def ft_backend(cfg, model, accelerator):
+    """The finetuning backend of the run: a DeepSpeed engine (built before any forward: ZeRO-3
+    partitions the model if zero.Init did not) or plain PyTorch."""
+    if accelerator is None:
+        return TorchBackend()
+    return DeepSpeedBackend(accelerator, model, trained_params(model, cfg.finetune.train), cfg.finetune.optimizer)
 
 
 def score_share(cfg, model, job: Job, cache, todo: list[dict], writer: ShardWriter, progress, steps: int,
@@ -177,9 +182,12 @@ def run(cfg: C.RunConfig, state=None) -> Path | None:
     run_dir = Path(cfg.output.run_dir)
     clock = Clock()
     with clock.phase("load"):
+        accelerator = ft_accelerator(cfg)   # before the model: under ZeRO-3 each rank loads its share
         model, tok = load_model(cfg.model.name, cfg.model.attn, cfg.model.dtype, cfg.model.cache_dir,
-                                main_first=lambda: dist.main_first(state), untrained=cfg.model.untrained)
-        model.to(state.device)
+                                main_first=lambda: dist.main_first(state), untrained=cfg.model.untrained,
+                                loading=partial(loading, accelerator))
+        if not partitioned(model):
+            model.to(state.device)
     with clock.phase("plan"):
         jobs = plan(cfg, tok, max_positions(model))
         if "ft_lin" in cfg.eval.methods:   # before anything is written
@@ -189,7 +197,8 @@ def run(cfg: C.RunConfig, state=None) -> Path | None:
     if cfg.finetune.deepspeed:
         from icl_scale.runtime.engine import read_ds_config
 
-        ds_config = {"file": cfg.finetune.deepspeed, "config": read_ds_config(cfg.finetune.deepspeed)}
+        ds_config = {"file": cfg.finetune.deepspeed, "config": read_ds_config(cfg.finetune.deepspeed),
+                     "partitioned_at_load": partitioned(model)}
     rundir.check_config(cfg, run_dir)
     if state.is_main_process:
         from rich.syntax import Syntax
@@ -204,7 +213,7 @@ def run(cfg: C.RunConfig, state=None) -> Path | None:
         rundir.write_invocation(run_dir, clock, state, ds_config, finished=False)
     dist.barrier(state)
     with clock.phase("load"):
-        backend = ft_backend(cfg, model)
+        backend = ft_backend(cfg, model, accelerator)
     # Plain PyTorch: no collective inside a job, so a failing job is recorded and skipped, and each
     # FT job goes whole to one rank (round robin). Under DeepSpeed every rank takes part in every
     # FT step and scores its share of the eval set.
@@ -232,6 +241,8 @@ def run(cfg: C.RunConfig, state=None) -> Path | None:
                     progress.failed(f"{job.task}/{setting} seed {job.seed}: {first_line(e)}")
                 progress.job_done()
     dist.barrier(state)
+    if accelerator is not None:
+        accelerator.free_memory()   # the engine and its partitions: a suite's next run loads its own
     out = None
     if state.is_main_process:
         from icl_scale.report.render import write_report

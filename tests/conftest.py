@@ -50,3 +50,16 @@ def launch(args, nproc: int, env=None, timeout=900, popen=False, gpu=False):
         return subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
     return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """tiny-llama saved as a checkpoint: loaded through from_pretrained, as a real model is (and
+    partitioned at load under ZeRO-3)."""
+    from icl_scale.modeling.load import load_model
+
+    path = tmp_path_factory.mktemp("checkpoint")
+    model, tok = load_model("tiny-llama")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -10,6 +10,7 @@ import psutil
 import pytest
 
 from conftest import launch, run_cli
+from helpers import assert_same_records, run_records
 from icl_scale import config as C
 
 
@@ -67,6 +68,19 @@ def test_suite_runs_every_variant_and_reports_them(clean):
     for variant in ("base", "untrained"):
         counts = [json.loads((runs / variant / "progress" / f"r{r}.json").read_text()) for r in (0, 1)]
         assert sum(c["done"] for c in counts) == 2 * 6 * 5 and {c["jobs_done"] for c in counts} == {12}
+
+
+def test_suite_under_zero3_loads_every_variant_partitioned(clean, checkpoint, tmp_path, data_dir):
+    """A suite's runs share one process group; each ZeRO-3 run loads the checkpoint partitioned
+    (the untrained control too) and gives the records of the plain suite on the same weights."""
+    r = launch(suite_args(tmp_path, data_dir, "--model.name", str(checkpoint),
+                          "--finetune.deepspeed", "ds_configs/zero3_offload.json"), nproc=2)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for variant in ("base", "label_switch", "untrained"):
+        run_dir = tmp_path / "runs" / "smoke" / variant
+        invocation = json.loads(next((run_dir / "invocations").glob("*.json")).read_text())
+        assert invocation["deepspeed"]["partitioned_at_load"] is True, variant
+        assert_same_records(run_records(clean / "runs" / "smoke" / variant), run_records(run_dir), rtol=2**-10)
 
 
 def test_kill_one_rank_mid_suite_then_rerun_gives_the_clean_report(clean, tmp_path, data_dir):

@@ -15,6 +15,7 @@ import torch
 
 from icl_scale.errors import UserError, first_line
 from icl_scale.modeling import capture  # noqa: F401  (registers the icl_* attention functions)
+from icl_scale.modeling.params import decoder_layers, partitioned
 from icl_scale.modeling.tiny import TINY_MODELS, build_tiny
 
 # alias -> (package, GGUF file inside it); converted once to a plain safetensors checkpoint.
@@ -84,30 +85,43 @@ def _zero_dropout(model) -> None:
 def reinit_blocks(model, seed: int = 0) -> None:
     """Untrained-model control: re-initialise every linear weight inside the decoder layers
     (attention and MLP) with the model's own initialiser; embeddings and norms are kept."""
-    from icl_scale.modeling.params import decoder_layers
-
     torch.manual_seed(seed)
     for layer in decoder_layers(model):
-        for mod in layer.modules():
-            if isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D":
-                for p in mod.parameters(recurse=False):   # from_pretrained marks loaded weights as
-                    p._is_hf_initialized = False           # initialised, and _init_weights skips those
-                model._init_weights(mod)
+        with _gathered(model, list(layer.parameters())):
+            for mod in layer.modules():
+                if isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D":
+                    for p in mod.parameters(recurse=False):   # from_pretrained marks loaded weights as
+                        p._is_hf_initialized = False           # initialised, and _init_weights skips those
+                    model._init_weights(mod)
+
+
+def _gathered(model, params):
+    """Whole parameters to write, when ZeRO-3 partitioned them at load (rank 0's values are kept)."""
+    if not partitioned(model):
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
 def load_model(name: str, attn: str = "sdpa", dtype: str = "float32", cache_dir: str = "~/.cache/icl_scale",
-               main_first=nullcontext, untrained: bool = False):
-    """(model in eval mode, tokenizer). `attn` is the kernel under the capture wrapper."""
+               main_first=nullcontext, untrained: bool = False, loading=lambda partitioned: nullcontext()):
+    """(model in eval mode, tokenizer). `attn` is the kernel under the capture wrapper.
+    `loading(partitioned)`: the context of each step that makes a model (runtime/engine.py), which
+    lets ZeRO-3 partition a checkpoint as it loads; conversions and tiny models are made whole."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     impl = f"icl_{attn}"
     if name in TINY_MODELS:
-        model, tok = build_tiny(name, impl)
+        with loading(False):
+            model, tok = build_tiny(name, impl)
     else:
         path = resolve_offline(name, cache_dir, main_first) if name in OFFLINE_MODELS else name
         try:
             tok = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=impl, dtype=getattr(torch, dtype))
+            with loading(True):
+                model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=impl,
+                                                             dtype=getattr(torch, dtype))
         except (OSError, ValueError) as e:
             if "attention implementation" in str(e):
                 raise UserError(f"model {name!r}: its architecture does not support transformers' attention "
@@ -117,7 +131,8 @@ def load_model(name: str, attn: str = "sdpa", dtype: str = "float32", cache_dir:
                             f"({first_line(e)})") from None
     if untrained:
         reinit_blocks(model)
-    model.to(getattr(torch, dtype))
+    if not partitioned(model):   # zero.Init made it in `dtype`; its parameters are empty shells
+        model.to(getattr(torch, dtype))
     _zero_dropout(model)
     model.eval()
     return model, tok

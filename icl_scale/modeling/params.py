@@ -85,6 +85,11 @@ def full_shape(p: torch.Tensor) -> torch.Size:
     return getattr(p, "ds_shape", p.shape)
 
 
+def partitioned(model) -> bool:
+    """Whether ZeRO-3 partitioned the model's parameters (at load, through zero.Init)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
     n = model.config.num_hidden_layers
     for m in model.base_model.modules():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -83,36 +84,77 @@ def _identity_jvp(ctx, *tangents):
     return tangents[0] if len(tangents) == 1 else tangents
 
 
+_accelerators: dict[str, object] = {}
+
+
+def deepspeed_accelerator(path: str):
+    """The Accelerator of a DeepSpeed run, made before the model is loaded: under ZeRO-3 it keeps
+    transformers' DeepSpeed config alive, so a checkpoint loads partitioned (zero.Init: each rank
+    keeps its share, never the whole model). accelerate allows one per process: a suite's runs,
+    which share the finetuning config, share it."""
+    if path not in _accelerators:
+        if _accelerators:
+            raise UserError(f"finetune.deepspeed: one DeepSpeed config per launch ({next(iter(_accelerators))}, "
+                            f"then {path})")
+        _accelerators[path] = _new_accelerator(path)
+    return _accelerators[path]
+
+
+def _new_accelerator(path: str):
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin
+
+    cfg = read_ds_config(path)
+    # fixed by the study: batch 1, no accumulation; clipping is ours (all three modes), fp32
+    cfg.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, gradient_clipping=0.0,
+               zero_force_ds_cpu_optimizer=False, bf16={"enabled": False}, fp16={"enabled": False})
+    cfg.pop("train_batch_size", None)
+    if cfg.get("zero_optimization", {}).get("stage", 0) == 3:
+        # ZeRO-3's memory-efficient F.linear is an autograd Function without forward-mode AD
+        cfg["zero_optimization"]["memory_efficient_linear"] = False
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", "29533")):
+        os.environ.setdefault(key, value)  # a plain one-process run: no MPI discovery
+    # accelerate skips DeepSpeed when ACCELERATE_USE_CPU is set, which CPU launches of several
+    # processes need: the process group is up already, so hide the flag while the state is built
+    cpu_flag = os.environ.pop("ACCELERATE_USE_CPU", None)
+    try:
+        return Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg, zero3_init_flag=True))
+    finally:
+        if cpu_flag is not None:
+            os.environ["ACCELERATE_USE_CPU"] = cpu_flag
+
+
+@contextmanager
+def loading(accelerator, partitioned: bool):
+    """The context a model is loaded in. Transformers loads partitioned (zero.Init) while a ZeRO-3
+    config is registered with it: kept for a ZeRO-3 run's checkpoint, taken away otherwise (a
+    previous run of a suite may have left one). A model built from a config is built whole, so
+    its seeded initialisation is the same under every backend (zero.Init initialises by module)."""
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    plugin = accelerator.state.deepspeed_plugin if accelerator is not None else None
+    if plugin is not None and plugin.zero_stage == 3 and partitioned:
+        plugin.set_deepspeed_weakref()
+    else:
+        unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if plugin is not None:
+            plugin.set_deepspeed_weakref()
+
+
 class DeepSpeedBackend(TorchBackend):
-    """One engine for the whole run, built before any forward (ZeRO-3 partitions the model); per
-    step: engine backward, full gradients out, clipped gradients back in, engine step."""
+    """One engine for the whole run, built before any forward (ZeRO-3 partitions the model, if
+    zero.Init did not at load); per step: engine backward, full gradients out, clipped gradients
+    back in, engine step."""
 
-    def __init__(self, model, trained, path: str, optimizer: str):
-        from accelerate import Accelerator
-        from accelerate.utils import DeepSpeedPlugin
-
-        cfg = read_ds_config(path)
-        # fixed by the study: batch 1, no accumulation; clipping is ours (all three modes), fp32
-        cfg.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, gradient_clipping=0.0,
-                   zero_force_ds_cpu_optimizer=False, bf16={"enabled": False}, fp16={"enabled": False})
-        cfg.pop("train_batch_size", None)
-        self.stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    def __init__(self, accelerator, model, trained, optimizer: str):
+        self.accelerator = accelerator
+        self.stage = accelerator.state.deepspeed_plugin.zero_stage
         self.lockstep = self.stage == 3
         self.collective = True
-        if self.lockstep:
-            # ZeRO-3's memory-efficient F.linear is an autograd Function without forward-mode AD
-            cfg["zero_optimization"]["memory_efficient_linear"] = False
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                           ("MASTER_PORT", "29533")):
-            os.environ.setdefault(key, value)  # a plain one-process run: no MPI discovery
-        # accelerate skips DeepSpeed when ACCELERATE_USE_CPU is set, which CPU launches of several
-        # processes need: the process group is up already, so hide the flag while the state is built
-        cpu_flag = os.environ.pop("ACCELERATE_USE_CPU", None)
-        try:
-            self.accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg))
-        finally:
-            if cpu_flag is not None:
-                os.environ["ACCELERATE_USE_CPU"] = cpu_flag
         opt = make_optimizer(optimizer, [t.param for t in trained], 1.0)
         self.engine, self.opt = self.accelerator.prepare(model, opt)
         if self.lockstep:
