@@ -186,7 +186,8 @@ def run(cfg: C.RunConfig, state=None) -> Path | None:
         model, tok = load_model(cfg.model.name, cfg.model.attn, cfg.model.dtype, cfg.model.cache_dir,
                                 main_first=lambda: dist.main_first(state), untrained=cfg.model.untrained,
                                 loading=partial(loading, accelerator))
-        if not partitioned(model):
+        at_load = partitioned(model)
+        if not at_load:
             model.to(state.device)
     with clock.phase("plan"):
         jobs = plan(cfg, tok, max_positions(model))
@@ -198,7 +199,7 @@ def run(cfg: C.RunConfig, state=None) -> Path | None:
         from icl_scale.runtime.engine import read_ds_config
 
         ds_config = {"file": cfg.finetune.deepspeed, "config": read_ds_config(cfg.finetune.deepspeed),
-                     "partitioned_at_load": partitioned(model)}
+                     "partitioned_at_load": at_load}
     rundir.check_config(cfg, run_dir)
     if state.is_main_process:
         from rich.syntax import Syntax

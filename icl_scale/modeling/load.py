@@ -87,7 +87,7 @@ def reinit_blocks(model, seed: int = 0) -> None:
     (attention and MLP) with the model's own initialiser; embeddings and norms are kept."""
     torch.manual_seed(seed)
     for layer in decoder_layers(model):
-        with _gathered(model, list(layer.parameters())):
+        with _gathered(layer):
             for mod in layer.modules():
                 if isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D":
                     for p in mod.parameters(recurse=False):   # from_pretrained marks loaded weights as
@@ -95,13 +95,14 @@ def reinit_blocks(model, seed: int = 0) -> None:
                     model._init_weights(mod)
 
 
-def _gathered(model, params):
-    """Whole parameters to write, when ZeRO-3 partitioned them at load (rank 0's values are kept)."""
-    if not partitioned(model):
+def _gathered(module):
+    """The module's whole parameters to write, when ZeRO-3 partitioned them at load (rank 0's
+    values are kept)."""
+    if not partitioned(module):
         return nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0)
 
 
 def load_model(name: str, attn: str = "sdpa", dtype: str = "float32", cache_dir: str = "~/.cache/icl_scale",

@@ -85,9 +85,9 @@ def full_shape(p: torch.Tensor) -> torch.Size:
     return getattr(p, "ds_shape", p.shape)
 
 
-def partitioned(model) -> bool:
-    """Whether ZeRO-3 partitioned the model's parameters (at load, through zero.Init)."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
+def partitioned(module) -> bool:
+    """Whether ZeRO-3 partitioned the module's parameters (at load, through zero.Init)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:

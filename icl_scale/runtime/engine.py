@@ -84,7 +84,7 @@ def _identity_jvp(ctx, *tangents):
     return tangents[0] if len(tangents) == 1 else tangents
 
 
-_accelerators: dict[str, object] = {}
+_accelerator: tuple[str, object] | None = None   # (config path, Accelerator) of this process
 
 
 def deepspeed_accelerator(path: str):
@@ -92,12 +92,12 @@ def deepspeed_accelerator(path: str):
     transformers' DeepSpeed config alive, so a checkpoint loads partitioned (zero.Init: each rank
     keeps its share, never the whole model). accelerate allows one per process: a suite's runs,
     which share the finetuning config, share it."""
-    if path not in _accelerators:
-        if _accelerators:
-            raise UserError(f"finetune.deepspeed: one DeepSpeed config per launch ({next(iter(_accelerators))}, "
-                            f"then {path})")
-        _accelerators[path] = _new_accelerator(path)
-    return _accelerators[path]
+    global _accelerator
+    if _accelerator is None:
+        _accelerator = (path, _new_accelerator(path))
+    elif _accelerator[0] != path:
+        raise UserError(f"finetune.deepspeed: one DeepSpeed config per launch ({_accelerator[0]}, then {path})")
+    return _accelerator[1]
 
 
 def _new_accelerator(path: str):
