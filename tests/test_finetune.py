@@ -7,10 +7,10 @@ import torch.autograd.forward_ad as fwAD
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from icl_scale.methods.finetune import (layer_causal_loss, linearized_logits, linearized_loss, sequence_nll,
+from icl_scale.methods.finetune import (layer_causal, layer_causal_loss, linearized_logits, linearized_loss, sequence_nll,
                                         standard_loss)
 from icl_scale.modeling.load import load_model
-from icl_scale.modeling.params import trained_params
+from icl_scale.modeling.params import final_norm, trained_params
 
 MODELS = ["tiny-gpt2", "tiny-llama", "tiny-neox", "tiny-opt"]
 
@@ -69,6 +69,27 @@ def test_layer_causal_gradient_of_layer_l_comes_from_loss_l_only(name):
                 assert gl is None or gl.abs().sum() == 0
     # the last layer's loss is the ordinary loss
     torch.testing.assert_close(losses[-1], standard_loss(model, ids), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", MODELS + ["tiny-gemma3"])
+def test_layer_causal_gradients_are_bitwise_those_of_the_plain_graph(name):
+    """The per-layer head gradient taken at once (logits not kept) against autograd over the whole
+    graph with every layer's logits kept: the same loss and the same gradient bits."""
+    model, tok = load_model(name, "eager")
+    params = [t.param for t in trained_params(model, "kv")]
+    ids = ids_of(tok)
+    norm, head = final_norm(model), model.get_output_embeddings()
+    with layer_causal(model) as outs:
+        model.base_model(input_ids=ids)
+    plain = torch.stack([sequence_nll(head(norm(h)), ids) for h in outs]).sum()
+    expected = torch.autograd.grad(plain, params)
+    loss, _ = layer_causal_loss(model, ids)
+    assert torch.equal(loss, plain)
+    for e, g in zip(expected, torch.autograd.grad(loss, params)):
+        assert torch.equal(e, g) and e.abs().sum() > 0
+    scaled = torch.autograd.grad(layer_causal_loss(model, ids)[0] * 0.25, params)  # a loss scale reaches it
+    for e, g in zip(expected, scaled):
+        torch.testing.assert_close(g, e * 0.25)
 
 
 def deltas_like(trained, scale, seed=0):
