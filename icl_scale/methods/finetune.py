@@ -85,10 +85,7 @@ def layer_causal_loss(model, ids: torch.Tensor) -> tuple[torch.Tensor, list[torc
     norm, head = final_norm(model), model.get_output_embeddings()
     with layer_causal(model) as outs:
         model.base_model(input_ids=ids)
-    losses = []
-    for i in range(len(outs)):
-        losses.append(_HeadLoss.apply(outs[i], norm, head, ids))
-        outs[i] = None   # the layer's output lives on only in the graph of its own layer
+    losses = [_HeadLoss.apply(h, norm, head, ids) for h in outs]
     return torch.stack(losses).sum(), losses
 
 
