@@ -32,8 +32,8 @@ def one(method: str, length: int, model_name: str, steps: int) -> dict:
     from torch.func import functional_call
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from icl_scale.methods.finetune import (layer_causal, layer_causal_loss, linearized_loss, sequence_nll,
-                                            standard_loss)
+    from icl_scale.methods.losses import (layer_causal, layer_causal_loss, linearized_loss, sequence_nll,
+                                          standard_loss)
     from icl_scale.modeling.load import load_model
     from icl_scale.modeling.params import final_norm, trained_params
 

@@ -11,9 +11,9 @@ import torch
 
 import argparse
 
-from common import agnews_setup, median, timed
+from common import agnews_setup, median, score_full, score_query, timed
 
-from icl_scale.methods.evaluate import PrefixCache, score_batch, score_full, score_query
+from icl_scale.methods.evaluate import PrefixCache, score_batch
 
 
 def main():

@@ -49,7 +49,7 @@ def synth_run(run_dir: Path, n: int, layers: int, d: int, heads: int) -> int:
                 w.add({"id": i, "gold": i % 2, "pred": int(rng.integers(0, 2)), "option_scores": [-1.0, -2.0],
                        "attn_out": torch.from_numpy(rng.standard_normal((layers, d), dtype=np.float32)),
                        "scores": torch.from_numpy(rng.standard_normal((layers, heads, int(n_keys[i])), dtype=np.float32))})
-            w.close(expected=n)
+            w.close()
             nbytes += sum(p.stat().st_size for p in rundir.job_dir(run_dir, task, s, 1).glob("r*.safetensors"))
             if s.startswith("ft"):
                 log = rundir.ft_log_path(run_dir, task, s, 1)

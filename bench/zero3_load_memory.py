@@ -21,10 +21,12 @@ def one(model: str, config: str, partitioned: bool) -> None:
     """In each launched process: load, build the engine, print this rank's peak RSS."""
     from functools import partial
 
+    from icl_scale import config as C
+    from icl_scale.methods.backend import DeepSpeedBackend
     from icl_scale.modeling.load import load_model
     from icl_scale.modeling.params import partitioned as is_partitioned, trained_params
     from icl_scale.runtime import dist
-    from icl_scale.runtime.engine import DeepSpeedBackend, deepspeed_accelerator, loading
+    from icl_scale.runtime.engine import loading, prepare_process
 
     peak, stop = [0], threading.Event()
 
@@ -35,9 +37,9 @@ def one(model: str, config: str, partitioned: bool) -> None:
             peak[0] = max(peak[0], kib)
 
     threading.Thread(target=sample, daemon=True).start()
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    state = dist.init_state()
-    accelerator = deepspeed_accelerator(config)
+    proc = prepare_process(C.build({"finetune": {"deepspeed": config}}))
+    state = proc.state
+    accelerator = proc.accelerator(finetunes=True)
     model, _ = load_model(model, main_first=lambda: dist.main_first(state),
                           loading=lambda p: loading(accelerator, partitioned and p))
     at_load = is_partitioned(model)

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from icl_scale.errors import UserError
+from icl_scale.settings import CLIP_MODES, SETTINGS, VARIANTS
 from icl_scale.tasks.spec import TASKS
 
 ALL_TASKS = tuple(TASKS)   # a new TaskSpec in tasks/spec.py is a new choice here
@@ -66,7 +67,7 @@ class EvalConfig:
     methods: tuple[str, ...] = knob(("zsl", "icl"), "settings: zsl, icl, and the finetuned model evaluated "
                                     "zero-shot after standard (ft), layer-causal (ft_lc), layer-causal with its own "
                                     "clipping (ft_lc_clip: finetune.lc_clip) or linearized (ft_lin) FT",
-                                    choices=("zsl", "icl", "ft", "ft_lc", "ft_lc_clip", "ft_lin"))
+                                    choices=tuple(SETTINGS))
     record_position: str = knob("prediction", "where activations are recorded: the position that "
                                 "predicts the answer, or the first answer token (the reference's choice)",
                                 choices=("prediction", "answer"))
@@ -86,10 +87,10 @@ class FinetuneConfig:
     demos: str = knob("icl", "train on the demonstrations the ICL prompt fitted (icl) or on all k drawn (all)",
                       choices=("icl", "all"))
     clip: str = knob("none", "gradient clipping of the trained parameters",
-                     choices=("none", "global_l2", "layer_l2", "elem_linf"))
+                     choices=CLIP_MODES)
     clip_value: float = knob(1.0, "clipping threshold (L2 norm, or |element| for elem_linf)")
     lc_clip: str = knob("elem_linf", "clipping of the ft_lc_clip setting (the revisited paper: L-infinity at 12)",
-                        choices=("global_l2", "layer_l2", "elem_linf"))
+                        choices=CLIP_MODES[1:])
     lc_clip_value: float = knob(12.0, "clipping threshold of the ft_lc_clip setting")
     deepspeed: str = knob("", "DeepSpeed JSON (ds_configs/zero2.json, zero2_offload.json, zero3_offload.json) to "
                           "run finetuning under a ZeRO engine; empty: plain PyTorch on every rank")
@@ -109,7 +110,7 @@ class SuiteConfig:
     variants: tuple[str, ...] = knob(("base",), "variants of `icl-scale suite`, each a run of its own in "
                                      "<run_dir>/<variant>: base, label_switch (data.label_noise set to "
                                      "suite.label_switch), untrained (model.untrained)", result=False,
-                                     choices=("base", "label_switch", "untrained"))
+                                     choices=tuple(VARIANTS))
     label_switch: float = knob(0.5, "fraction of demonstrations the label_switch variant corrupts", result=False)
 
 
@@ -314,3 +315,15 @@ def diff_fields(old: dict, new: dict) -> list[str]:
         a, b = old.get(section, {}), new.get(section, {})
         names += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     return names
+
+
+def with_variant(cfg: RunConfig, variant: str) -> RunConfig:
+    """The config of one suite variant: the changes its registry entry sets (settings.VARIANTS)."""
+    values = to_dict(cfg)
+    for dotted, value in VARIANTS[variant].sets:
+        if isinstance(value, str) and value.startswith("@"):   # read from another field
+            section, key = value[1:].split(".")
+            value = values[section][key]
+        section, key = dotted.split(".")
+        values[section][key] = value
+    return build(values, source=f"suite variant {variant}")

@@ -11,21 +11,31 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail fast instead of retrying
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))   # bench.common: the full-recompute reference scoring
 DATA_DIR = Path(os.environ.get("ICL_SCALE_DATA_DIR", ROOT.parent / "shared" / "data"))
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not (DATA_DIR / "cb" / "train.jsonl").is_file():
-        pytest.fail(f"test data not found at {DATA_DIR} (set ICL_SCALE_DATA_DIR)")
+        pytest.skip(f"the study's shared data is not at {DATA_DIR} (set ICL_SCALE_DATA_DIR)")
     return DATA_DIR
 
 
-def run_cli(args, cwd=ROOT, env=None, timeout=900):
-    """`python -m icl_scale ...` in a subprocess with one thread per process."""
+def run_cli(args, cwd=ROOT, env=None, timeout=900, prelude=""):
+    """`python -m icl_scale ...` in a subprocess with one thread per process; `prelude`: Python run
+    first in that process (e.g. a fault injected by monkeypatching)."""
     e = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "icl_scale", *args], cwd=cwd, env=e, capture_output=True,
-                          text=True, timeout=timeout)
+    cmd = ([sys.executable, "-c", f"{prelude}\nimport sys\nfrom icl_scale.cli import main\nsys.exit(main(sys.argv[1:]))"]
+           if prelude else [sys.executable, "-m", "icl_scale"])
+    return subprocess.run([*cmd, *args], cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+def globbed(root: Path, pattern: str) -> list[Path]:
+    """sorted(root.glob(pattern)), which must match something: a loop over nothing asserts nothing."""
+    found = sorted(root.glob(pattern))
+    assert found, f"nothing matches {pattern} under {root}"
+    return found
 
 
 def free_port() -> int:

@@ -1,10 +1,36 @@
+"""Helpers of the tests: whole-job reads of a run's records (reports stream instead)."""
+
 import json
 from pathlib import Path
 
-from icl_scale.report.merge import merge_job
+from safetensors import safe_open
+
+from icl_scale.report.merge import SMALL, JobRecords
 from icl_scale.runtime.rundir import job_dir, job_meta_path, load_run
 
 ALL_KEYS = ("ids", "gold", "pred", "option_scores", "attn_out", "scores")
+
+
+def read_shard(path: Path, keys=("ids", "gold", "pred", "option_scores")) -> dict:
+    """Selected tensors of one shard as numpy arrays, plus its metadata under "_meta"."""
+    with safe_open(str(path), framework="np") as f:
+        out = {k: f.get_tensor(k) for k in keys if k in f.keys()}
+        out["_meta"] = f.metadata()
+    return out
+
+
+def merge_job(job_dir: Path, config_hash: str, expected_ids: list[int], keys=SMALL) -> dict:
+    """Every record of a job, sorted by id (for tests and small runs; reports stream instead).
+    "scores" (ragged) comes back as a list of [L, H, n] arrays in the same order."""
+    rec = JobRecords(job_dir, config_hash, expected_ids)
+    out = rec.small(tuple(k for k in keys if k in SMALL))
+    if {"attn_out", "scores"} & set(keys) and rec.has_capture():
+        attn, maps = rec.large(rec.ids)
+        if "attn_out" in keys:
+            out["attn_out"] = attn
+        if "scores" in keys:
+            out["scores"] = maps
+    return out
 
 
 def run_records(run_dir: Path) -> dict:

@@ -4,7 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from icl_scale.methods.evaluate import PrefixCache, score_batch, score_full, score_query
+from bench.common import score_full, score_query
+from icl_scale.methods.evaluate import PrefixCache, score_batch
 from icl_scale.modeling.capture import attention_modules, capture
 from icl_scale.modeling.load import load_model
 from icl_scale.prompts import Encoder, fit_prompt, zsl_prompt

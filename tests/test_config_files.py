@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, globbed
 from icl_scale import config as C
 
-LAUNCHERS = sorted((ROOT / "launcher").glob("*_*.yaml")) + [ROOT / "launcher" / "multinode.yaml"]
-DS = sorted((ROOT / "ds_configs").glob("*.json"))
+LAUNCHERS = globbed(ROOT / "launcher", "*_*.yaml") + [ROOT / "launcher" / "multinode.yaml"]
+DS = globbed(ROOT / "ds_configs", "*.json")
 
 
 @pytest.mark.parametrize("path", sorted(set(LAUNCHERS)), ids=lambda p: p.name)
@@ -36,6 +36,6 @@ def test_deepspeed_configs_parse(path):
 
 
 def test_run_configs_load():
-    for path in (ROOT / "launcher").glob("default*.yaml"):
+    for path in globbed(ROOT / "launcher", "default*.yaml"):
         cfg = C.load(str(path))
         assert set(cfg.data.tasks) == set(C.ALL_TASKS)

@@ -7,7 +7,8 @@ import torch
 
 from conftest import ROOT, launch
 from helpers import run_records
-from icl_scale.methods.evaluate import PrefixCache, score_full, score_query
+from bench.common import score_full, score_query
+from icl_scale.methods.evaluate import PrefixCache
 from icl_scale.modeling.load import load_model
 from icl_scale.prompts import Encoder, fit_prompt
 from icl_scale.tasks import get_task

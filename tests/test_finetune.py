@@ -7,8 +7,8 @@ import torch.autograd.forward_ad as fwAD
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from icl_scale.methods.finetune import (layer_causal, layer_causal_loss, linearized_logits, linearized_loss, sequence_nll,
-                                        standard_loss)
+from icl_scale.methods.linearized import dual_sdpa, linearized_logits
+from icl_scale.methods.losses import layer_causal, layer_causal_loss, linearized_loss, sequence_nll, standard_loss
 from icl_scale.modeling.load import load_model
 from icl_scale.modeling.params import final_norm, trained_params
 
@@ -159,7 +159,7 @@ def test_linearization_is_exact_at_zero_and_second_order(name, attn):
 
 
 def test_clipping_modes():
-    from icl_scale.methods.train import clip_
+    from icl_scale.methods.finetune import clip_
     from icl_scale.modeling.params import Trained
 
     p = torch.nn.Parameter(torch.zeros(1))
@@ -177,7 +177,8 @@ def test_clipping_modes():
 
 
 def test_finetune_loop_logs_steps_and_restores_theta0(monkeypatch):
-    import icl_scale.methods.train as T
+    import icl_scale.methods.finetune as T
+    from icl_scale.methods.losses import LOSSES
 
     model, tok = load_model("tiny-llama", "eager")
     trained = trained_params(model, "kv")
@@ -192,7 +193,7 @@ def test_finetune_loop_logs_steps_and_restores_theta0(monkeypatch):
     log, deltas = T.finetune(model, "ft_lin", trained, seqs, lr=0.1)
     assert all(torch.equal(t.param, b) for t, b in zip(trained, before))  # θ0 never moves
     assert any(d.abs().sum() > 0 for d in deltas)
-    monkeypatch.setattr(T, "standard_loss", lambda m, ids: standard_loss(m, ids) * float("nan"))
+    monkeypatch.setitem(LOSSES, "standard", lambda m, ids, trained, deltas: standard_loss(m, ids) * float("nan"))
     log, _ = T.finetune(model, "ft", trained, seqs, lr=0.1)
     assert log.skipped == 2 and all(torch.equal(t.param, b) for t, b in zip(trained, before))
 
@@ -219,11 +220,12 @@ DEVICES = [pytest.param("cpu", torch.float64, 1e-12, id="cpu-f64"),
     (4, 2, 5, 8, "float", "qkv"), (4, 2, 6, 6, "bool", "kv")])
 def test_attention_tangent_equals_math_backend_forward_ad(heads, kv_heads, q_len, k_len, mask, tangents,
                                                           device, dtype, atol):
-    """The linearized model's attention writes its tangent out (capture._sdpa); it must equal
-    forward-mode AD through SDPA's math backend, grouped-query heads and every mask kind included."""
+    """The linearized model's attention writes its tangent out (capture._sdpa running
+    linearized.dual_sdpa); it must equal forward-mode AD through SDPA's math backend, grouped-query
+    heads and every mask kind included."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from icl_scale.modeling.capture import _sdpa
+    from icl_scale.modeling.capture import _sdpa, dual_attention
 
     g = torch.Generator().manual_seed(heads * 100 + k_len)
     shapes = {"q": (2, heads, q_len, 64), "k": (2, kv_heads, k_len, 64), "v": (2, kv_heads, k_len, 64)}
@@ -240,7 +242,8 @@ def test_attention_tangent_equals_math_backend_forward_ad(heads, kv_heads, q_len
     module = _Attention(heads // kv_heads)
     with fwAD.dual_level():
         q, k, v = (fwAD.make_dual(primal[n], tangent[n]) if n in tangent else primal[n] for n in "qkv")
-        got_p, got_t = fwAD.unpack_dual(_sdpa(module, q, k, v, m, scaling=0.3)[0])
+        with dual_attention(dual_sdpa):
+            got_p, got_t = fwAD.unpack_dual(_sdpa(module, q, k, v, m, scaling=0.3)[0])
         with sdpa_kernel([SDPBackend.MATH]):
             want_p, want_t = fwAD.unpack_dual(sdpa_attention_forward(module, q, k, v, m, scaling=0.3, dropout=0.0)[0])
     assert want_t is not None and want_t.abs().max() > 0.1

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import launch, run_cli
+from conftest import globbed, launch, run_cli
 from helpers import assert_same_records, run_records
 
 
@@ -35,7 +35,7 @@ def test_two_processes_match_one(one_proc, tmp_path, data_dir):
     assert [json.loads(m.read_text())["world_size"] for m in manifests] == [2, 2]
     assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["rank0.log", "rank1.log"]
     assert_same_records(run_records(one_proc), run_records(run_dir))
-    for log in sorted(one_proc.glob("ft/*/*/seed1.json")):  # finetuning does not depend on the world size
+    for log in globbed(one_proc, "ft/*/*/seed1.json"):  # finetuning does not depend on the world size
         assert log.read_text() == (run_dir / log.relative_to(one_proc)).read_text()
     # the same figures; only the provenance (world size, wall times) differs
     two, one = run_dir.parent / "reports" / "run", one_proc.parent / "reports" / "run"

@@ -1,12 +1,10 @@
-import json
-
 import numpy as np
 import pytest
 import torch
 
-from icl_scale.capture.shards import ShardWriter, done_ids, read_shard, split_scores, verified_shards
+from helpers import merge_job, read_shard
+from icl_scale.capture.shards import ShardWriter, done_ids, split_scores, verified_shards
 from icl_scale.errors import UserError
-from icl_scale.report.merge import merge_job
 from icl_scale.runtime.rundir import remove_orphans
 
 META = {"config_hash": "abc", "task": "cb", "setting": "icl", "seed": 1}
@@ -24,7 +22,7 @@ def test_roundtrip_bounded_shards_and_resume(tmp_path):
     recs = [record(i, 3 + i % 4) for i in (5, 1, 9, 3)]
     for r in recs:
         w.add(r)
-    w.close(expected=4)
+    w.close()
     shards = verified_shards(jd, "abc")
     assert len(shards) >= 2  # the byte bound splits the stream
     assert done_ids(jd, "abc") == {1, 3, 5, 9}
@@ -44,7 +42,7 @@ def test_roundtrip_bounded_shards_and_resume(tmp_path):
     # a second writer on the same dir continues the sequence instead of overwriting
     w2 = ShardWriter(jd, META, rank=0, world_size=1, max_bytes=400)
     w2.add(record(11, 2))
-    w2.close(expected=1)
+    w2.close()
     assert done_ids(jd, "abc") == {1, 3, 5, 9, 11}
 
 
@@ -53,7 +51,7 @@ def test_corrupt_missing_foreign_and_duplicate_shards_are_named(tmp_path):
     w = ShardWriter(jd, META, 0, 1, max_bytes=1)
     for i in range(3):
         w.add(record(i, 2))
-    w.close(3)
+    w.close()
     first = jd / "r0-00000.safetensors"
     blob = bytearray(first.read_bytes())
     blob[-1] ^= 1
@@ -68,18 +66,18 @@ def test_corrupt_missing_foreign_and_duplicate_shards_are_named(tmp_path):
     clean = tmp_path / "clean"
     w = ShardWriter(clean, META, 0, 1, max_bytes=1)
     w.add(record(1, 2))
-    w.close(1)
+    w.close()
     other = tmp_path / "other"
     w = ShardWriter(other, META | {"config_hash": "zzz"}, 1, 2, max_bytes=1)
     w.add(record(7, 2))
-    w.close(1)
+    w.close()
     (other / "r1-00000.safetensors").rename(clean / "r1-00000.safetensors")
     with pytest.raises(UserError, match="r1-00000.safetensors: not listed"):
         merge_job(clean, "abc", [1])
     (clean / "r1-00000.safetensors").unlink()
     dup = ShardWriter(clean, META, 1, 2, max_bytes=1)
     dup.add(record(1, 2))
-    dup.close(1)
+    dup.close()
     with pytest.raises(UserError, match="example id 1 also in"):
         merge_job(clean, "abc", [1])
 
@@ -88,13 +86,12 @@ def test_orphans_of_a_kill_are_removed(tmp_path):
     jd = tmp_path / "shards" / "cb" / "icl" / "seed1"
     w = ShardWriter(jd, META, 0, 1, max_bytes=1)
     w.add(record(0, 2))
-    w.close(1)
+    w.close()
     (jd / "r0-00001.safetensors").write_bytes(b"renamed but never listed")
     (jd / ".r0-00002.safetensors.tmp123").write_bytes(b"half")
     gone = remove_orphans(tmp_path)
     assert sorted(p.name for p in gone) == [".r0-00002.safetensors.tmp123", "r0-00001.safetensors"]
     assert merge_job(jd, "abc", [0])["ids"].tolist() == [0]
-    assert json.loads((jd / "COMPLETE-r0.json").read_text())["share"] == 1
 
 
 def test_values_beyond_float16_are_kept_not_inf(tmp_path):
@@ -107,7 +104,7 @@ def test_values_beyond_float16_are_kept_not_inf(tmp_path):
     w = ShardWriter(jd, META, rank=0, world_size=1, max_bytes=1 << 20)
     for r in (big, small):
         w.add(r)
-    w.close(expected=2)
+    w.close()
     merged = merge_job(jd, "abc", [1, 2], keys=("ids", "attn_out", "scores"))
     assert np.isfinite(merged["attn_out"]).all()
     np.testing.assert_allclose(merged["attn_out"][0], big["attn_out"].numpy(), rtol=1e-6)
@@ -117,6 +114,6 @@ def test_values_beyond_float16_are_kept_not_inf(tmp_path):
     jd2 = tmp_path / "job2"
     w = ShardWriter(jd2, META, rank=0, world_size=1, max_bytes=1 << 20)
     w.add(record(3, 3))
-    w.close(expected=1)
+    w.close()
     (path, _), = verified_shards(jd2, "abc")
     assert read_shard(path, ("attn_out",))["attn_out"].dtype == np.float16

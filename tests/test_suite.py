@@ -9,7 +9,7 @@ import time
 import psutil
 import pytest
 
-from conftest import launch, run_cli
+from conftest import globbed, launch, run_cli
 from helpers import assert_same_records, run_records
 from icl_scale import config as C
 
@@ -24,7 +24,7 @@ def report_files(root):
     """Every file of the suite's reports whose content is a function of the results alone."""
     out = {}
     base = root / "reports" / "smoke"
-    for p in sorted(base.rglob("*")):
+    for p in globbed(base, "**/*"):
         if p.suffix == ".json":   # all but where the run and its reports were
             results = json.loads(p.read_text())
             results["config"].pop("output")
@@ -102,10 +102,21 @@ def test_kill_one_rank_mid_suite_then_rerun_gives_the_clean_report(clean, tmp_pa
     assert report_files(tmp_path) == report_files(clean)
 
 
+FAULT = """
+import icl_scale.run as R
+plain = R.run_setting
+def failing(cfg, model, trained, job, setting, *args, **kwargs):
+    if (job.task, setting, job.seed) == ("cb", "ft_lc", 1):
+        raise RuntimeError("injected failure of cb/ft_lc/1 (as an out-of-memory would)")
+    return plain(cfg, model, trained, job, setting, *args, **kwargs)
+R.run_setting = failing
+"""
+
+
 def test_one_failing_job_is_reported_and_the_rest_run(tmp_path, data_dir):
     args = ["run", "--preset", "smoke", "--data.data_dir", str(data_dir), "--output.run_dir", str(tmp_path / "run"),
             "--output.report_dir", str(tmp_path / "reports")]
-    r = run_cli(args, env={"ICL_SCALE_FAIL": "cb/ft_lc/1"})
+    r = run_cli(args, prelude=FAULT)
     assert r.returncode == 0, r.stderr
     out = tmp_path / "reports" / "run"
     text = (out / "report.md").read_text()

@@ -4,7 +4,6 @@ A job dir (one task × setting × seed) holds, per rank:
     r{rank}-{seq:05d}.safetensors   records of one flush; written to a temporary name, then renamed
     manifest-r{rank}.json           config hash, rank, world size, shards with sha256/count/ids;
                                     rewritten (atomically) after every shard
-    COMPLETE-r{rank}.json           written when the rank has done its whole share
 Shard tensors (N records, L layers, H heads, d model width):
     ids int64 [N], gold int64 [N], pred int64 [N], option_scores float32 [N, n_options],
     attn_out float16 [N, L, d], scores float16 [sum of L·H·n_i], n_keys int64 [N]
@@ -16,54 +15,29 @@ flush is a new file: a killed run loses at most the shard in progress.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from icl_scale import atomic
 from icl_scale.errors import UserError
 
 SCHEMA = 1
-FP16_MAX = torch.finfo(torch.float16).max
+FP16_MAX = float(np.finfo(np.float16).max)
 
 
-def stored(t: torch.Tensor) -> torch.Tensor:
-    """float16 halves the shards; a tensor with a value beyond its range stays float32."""
-    return t.to(torch.float32 if bool((t.abs() > FP16_MAX).any()) else torch.float16)
+def stored(x) -> np.ndarray:
+    """A record's array as stored: float16 halves the shards; one with a value beyond its range
+    stays float32. Takes numpy arrays or CPU tensors."""
+    x = np.asarray(x, dtype=np.float32)
+    return x if bool((np.abs(x) > FP16_MAX).any()) else x.astype(np.float16)
 
 
-def stacked(parts: list[torch.Tensor], cat: bool = False) -> torch.Tensor:
-    """One shard tensor from records stored by `stored`: float32 if any of them is."""
-    dtype = torch.float32 if any(p.dtype == torch.float32 for p in parts) else torch.float16
-    return (torch.cat if cat else torch.stack)([p.to(dtype) for p in parts]).contiguous()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_save_file(tensors: dict, path: Path, metadata: dict) -> str:
-    """Write a safetensors file under a temporary name, rename it into place; its sha256."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    digest = sha256_file(tmp)
-    os.replace(tmp, path)
-    return digest
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def stacked(parts: list[np.ndarray], cat: bool = False) -> np.ndarray:
+    """One shard array from records stored by `stored`: float32 if any of them is."""
+    dtype = np.float32 if any(p.dtype == np.float32 for p in parts) else np.float16
+    return np.ascontiguousarray((np.concatenate if cat else np.stack)([p.astype(dtype) for p in parts]))
 
 
 def read_manifests(job_dir: Path, config_hash: str | None = None) -> list[dict]:
@@ -110,9 +84,10 @@ class ShardWriter:
         self.nbytes = 0
 
     def add(self, rec: dict) -> None:
-        """rec: id, gold, pred, option_scores (list), and attn_out [L, d] / scores [L, H, n] or None."""
+        """rec: id, gold, pred, option_scores (list), and attn_out [L, d] / scores [L, H, n] (arrays or
+        CPU tensors) or None."""
         rec = dict(rec)
-        for key in ("attn_out", "scores"):  # buffered as stored
+        for key in ("attn_out", "scores"):  # buffered as stored, numpy
             if rec.get(key) is not None:
                 rec[key] = stored(rec[key])
         self.buf.append(rec)
@@ -125,40 +100,28 @@ class ShardWriter:
             return
         recs, self.buf, self.nbytes = self.buf, [], 0
         tensors = {
-            "ids": torch.tensor([r["id"] for r in recs], dtype=torch.int64),
-            "gold": torch.tensor([r["gold"] for r in recs], dtype=torch.int64),
-            "pred": torch.tensor([r["pred"] for r in recs], dtype=torch.int64),
-            "option_scores": torch.tensor([r["option_scores"] for r in recs], dtype=torch.float32),
+            "ids": np.array([r["id"] for r in recs], dtype=np.int64),
+            "gold": np.array([r["gold"] for r in recs], dtype=np.int64),
+            "pred": np.array([r["pred"] for r in recs], dtype=np.int64),
+            "option_scores": np.array([r["option_scores"] for r in recs], dtype=np.float32),
         }
         meta = dict(self.meta)
         if recs[0].get("attn_out") is not None:
             tensors["attn_out"] = stacked([r["attn_out"] for r in recs])
             tensors["scores"] = stacked([r["scores"].reshape(-1) for r in recs], cat=True)
-            tensors["n_keys"] = torch.tensor([r["scores"].shape[-1] for r in recs], dtype=torch.int64)
+            tensors["n_keys"] = np.array([r["scores"].shape[-1] for r in recs], dtype=np.int64)
             meta["n_layers"], meta["n_heads"] = str(recs[0]["scores"].shape[0]), str(recs[0]["scores"].shape[1])
         name = f"r{self.rank}-{self.seq:05d}.safetensors"
-        digest = atomic_save_file(tensors, self.dir / name, meta)
+        digest = atomic.save_safetensors(self.dir / name, tensors, meta)
         self.seq += 1
         self.manifest["shards"].append({"file": name, "sha256": digest, "count": len(recs),
                                         "ids": [r["id"] for r in recs]})
-        atomic_write_text(self.manifest_path, json.dumps(self.manifest, indent=1))
+        atomic.write_json(self.manifest_path, self.manifest)
 
-    def close(self, expected: int) -> None:
-        """Flush and mark this rank's share complete; `expected` is the size of its share."""
+    def close(self) -> None:
+        """Flush what is buffered and rewrite the manifest (the world size of this launch)."""
         self.flush()
-        atomic_write_text(self.manifest_path, json.dumps(self.manifest, indent=1))
-        done = sum(s["count"] for s in self.manifest["shards"])
-        atomic_write_text(self.dir / f"COMPLETE-r{self.rank}.json",
-                          json.dumps({"rank": self.rank, "world_size": self.world_size, "share": expected,
-                                      "records_in_manifest": done}))
-
-
-def read_shard(path: Path, keys=("ids", "gold", "pred", "option_scores")) -> dict:
-    """Selected tensors of one shard as numpy arrays, plus its metadata under "_meta"."""
-    with safe_open(str(path), framework="pt") as f:
-        out = {k: f.get_tensor(k).numpy() for k in keys if k in f.keys()}
-        out["_meta"] = f.metadata()
-    return out
+        atomic.write_json(self.manifest_path, self.manifest)
 
 
 def split_scores(flat: np.ndarray, n_keys: np.ndarray, n_layers: int, n_heads: int) -> list[np.ndarray]:
@@ -180,7 +143,7 @@ def verified_shards(job_dir: Path, config_hash: str) -> list[tuple[Path, dict]]:
             p = job_dir / s["file"]
             if not p.is_file():
                 raise UserError(f"shard {p}: listed in {m['_path']} but missing")
-            if sha256_file(p) != s["sha256"]:
+            if atomic.sha256_file(p) != s["sha256"]:
                 raise UserError(f"shard {p}: sha256 does not match its manifest (corrupt)")
             for i in s["ids"]:
                 if i in seen:

@@ -108,37 +108,3 @@ def score_batch(model, cache, queries: list[list[int]], options: list[list[int]]
             s.attn_out, s.scores = attn_out[b], scores[b, ..., T - len(chunks[b]):]
         out.append(s)
     return out
-
-
-def score_query(model, cache, query_ids, options, record="prediction", do_capture=True) -> Scored:
-    return score_batch(model, cache, [list(query_ids)], options, record, do_capture)[0]
-
-
-class FullRecompute:
-    """The same interface as PrefixCache with no reuse: every forward runs prefix + chunk whole.
-    The reference for tests and the prefix-cache benchmark."""
-
-    max_batch = 1
-
-    def __init__(self, model, prefix_ids):
-        self.model, self.prefix = model, list(prefix_ids)
-
-    def forward(self, chunks, keep):
-        assert len(chunks) == 1
-        with torch.no_grad():
-            ids = torch.tensor([self.prefix + list(chunks[0])], device=self.model.device)
-            return self.model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits.float()
-
-
-def score_full(model, prefix_ids, query_ids, options, record="prediction", do_capture=True) -> Scored:
-    """score_query with the whole sequence recomputed; captured scores keep the query columns."""
-    full = FullRecompute(model, prefix_ids)
-    res = score_query(model, full, query_ids, options, record, do_capture=False)
-    if do_capture:
-        chunk = list(query_ids) + [options[0][0]] * (record == "answer")
-        with capture(model, len(chunk)) as cap, torch.no_grad():
-            model(input_ids=torch.tensor([list(prefix_ids) + chunk], device=model.device), use_cache=False,
-                  logits_to_keep=1)
-        attn_out, scores = cap.stacked(model.config.num_hidden_layers)
-        res.attn_out, res.scores = attn_out[0], scores[0]
-    return res

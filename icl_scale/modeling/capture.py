@@ -27,6 +27,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 _ACTIVE: "Captured | None" = None
+_DUAL_ATTENTION = None   # attention of dual q/k/v with its tangent written out (methods/linearized.py)
 
 
 def _value(t: torch.Tensor) -> torch.Tensor:
@@ -71,22 +72,35 @@ def _eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
 def _sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     _record_scores(module, query, key, scaling, kwargs)
     if any(fwAD.unpack_dual(t).tangent is not None for t in (query, key, value)):
-        if not dropout and _plain_scores(kwargs) and kwargs.get("s_aux") is None:
-            return _dual_sdpa(module, query, key, value, attention_mask, scaling, kwargs)
+        if _DUAL_ATTENTION and not dropout and plain_scores(kwargs) and kwargs.get("s_aux") is None:
+            return _DUAL_ATTENTION(module, query, key, value, attention_mask, scaling, kwargs)
         with sdpa_kernel([SDPBackend.MATH]):   # the one backend with forward-mode AD
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, **kwargs)
-    return _sdpa_primal(module, query, key, value, attention_mask, scaling, dropout, kwargs)
+    return sdpa_primal(module, query, key, value, attention_mask, scaling, dropout, kwargs)
 
 
-def _plain_scores(kwargs) -> bool:
+@contextmanager
+def dual_attention(fn):
+    """Inside the block, SDPA attention of dual inputs (forward-mode AD) runs `fn(module, query,
+    key, value, attention_mask, scaling, kwargs)` where the scores are plain; elsewhere (and
+    outside the block) SDPA's math backend, the one with forward-mode AD."""
+    global _DUAL_ATTENTION
+    before, _DUAL_ATTENTION = _DUAL_ATTENTION, fn
+    try:
+        yield
+    finally:
+        _DUAL_ATTENTION = before
+
+
+def plain_scores(kwargs) -> bool:
     """Scores are q·kᵀ·scaling plus the mask: no position bias, no softcap."""
     return kwargs.get("position_bias") is None and not kwargs.get("softcap")
 
 
-def _sdpa_primal(module, query, key, value, attention_mask, scaling, dropout, kwargs):
+def sdpa_primal(module, query, key, value, attention_mask, scaling, dropout, kwargs):
     if (query.device.type == "cpu" and query.shape[1] != key.shape[1] and attention_mask is not None
-            and attention_mask.dtype == torch.bool and _plain_scores(kwargs)):
+            and attention_mask.dtype == torch.bool and plain_scores(kwargs)):
         # With a mask (every cached query) transformers repeats K/V per query head; the CPU kernel
         # takes grouped-query attention natively, which saves that copy (~10% of a cached query).
         out = torch.nn.functional.scaled_dot_product_attention(
@@ -94,54 +108,6 @@ def _sdpa_primal(module, query, key, value, attention_mask, scaling, dropout, kw
             enable_gqa=True)
         return out.transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-
-
-def _dual_sdpa(module, query, key, value, attention_mask, scaling, kwargs):
-    """Attention of the linearized model (query, key, value are dual): the primal through the same
-    kernel as a plain forward (so f is exact at δ = 0), the tangent written out,
-        o' = (P ⊙ S')·V + P·V' − rowsum(P ⊙ S') ⊙ o,   S' = (Q'·Kᵀ + Q·K'ᵀ)·scaling,
-    about half the cost of the math backend's forward-mode AD (its masked safe softmax).
-    Grouped-query heads share their K/V without a copy."""
-    (qp, qt), (kp, kt), (vp, vt) = (fwAD.unpack_dual(t) for t in (query, key, value))
-    out, _ = _sdpa_primal(module, qp, kp, vp, attention_mask, scaling, 0.0, kwargs)   # [b, T, h, d]
-    b, h, T, d = qp.shape
-    n_kv, Tk = kp.shape[1], kp.shape[2]
-    g = h // n_kv
-    scale = scaling if scaling is not None else d ** -0.5
-    rows = lambda x: x.reshape(b, n_kv, g * T, x.shape[-1])   # noqa: E731  [b, h, T, ·] -> grouped rows
-    q_rows = rows(qp)   # a copy when the model hands over a transposed query: made once
-    s = (q_rows @ kp.transpose(-1, -2)).mul_(scale).view(b, n_kv, g, T, Tk)
-    if attention_mask is None:
-        causal = kwargs.get("is_causal")
-        if T > 1 and (causal if causal is not None else getattr(module, "is_causal", True)):
-            keep = torch.ones(T, Tk, dtype=torch.bool, device=s.device).tril(Tk - T)
-            s.masked_fill_(~keep, float("-inf"))
-    else:
-        m = attention_mask[..., :Tk]
-        m = m[:, :, None] if m.shape[1] == 1 else m.reshape(b, n_kv, g, T, Tk)
-        if m.dtype == torch.bool:
-            s.masked_fill_(~m, float("-inf"))
-        else:
-            s.add_(m)
-    p = torch.softmax(s, dim=-1, dtype=torch.promote_types(s.dtype, torch.float32)).to(qp.dtype).nan_to_num_(0.0)
-    del s
-    ds = None
-    if qt is not None:
-        ds = rows(qt) @ kp.transpose(-1, -2)
-    if kt is not None:
-        qk = q_rows @ kt.transpose(-1, -2)
-        ds = qk if ds is None else ds.add_(qk)
-    p = p.view(b, n_kv, g * T, Tk)
-    o = out.view(b, T, n_kv, g, d).permute(0, 2, 3, 1, 4).reshape(b, n_kv, g * T, d)
-    tangent = torch.zeros_like(o)
-    if ds is not None:
-        a = ds.mul_(scale).mul_(p)
-        tangent += a @ vp - a.sum(-1, keepdim=True) * o
-        del a, ds
-    if vt is not None:
-        tangent += p @ vt
-    tangent = tangent.view(b, n_kv, g, T, d).permute(0, 3, 1, 2, 4).reshape(b, T, h, d)
-    return fwAD.make_dual(out, tangent.contiguous()), None
 
 
 AttentionInterface.register("icl_eager", _eager)

@@ -7,12 +7,12 @@ import importlib
 import importlib.util
 import logging
 import os
-import shutil
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
+from icl_scale import atomic
 from icl_scale.errors import UserError, first_line
 from icl_scale.modeling import capture  # noqa: F401  (registers the icl_* attention functions)
 from icl_scale.modeling.params import decoder_layers, partitioned
@@ -54,14 +54,9 @@ def _convert_gguf(alias: str, target: Path) -> None:
     raw.pop("quantization_config", None)
     plain = AutoModelForCausalLM.from_config(type(quant.config).from_dict(raw))
     plain.load_state_dict(quant.state_dict())
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if target.exists():  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    os.replace(tmp, target)
+    with atomic.directory(target, replace=False) as tmp:   # another process may finish first
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
 
 
 def resolve_offline(alias: str, cache_dir: str, main_first=nullcontext) -> Path:

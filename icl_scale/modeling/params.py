@@ -45,15 +45,13 @@ KV_NAMES = ("k_proj.", "v_proj.", "key.", "value.")
 
 def trained_params(model, which: str = "kv") -> list[Trained]:
     """The trained parameters (requires_grad set on exactly these; gradient masks for fused parts).
-    Selected once per model and choice (the mask hooks stay registered)."""
-    cache = model.__dict__.setdefault("_icl_trained", {})
-    if which not in cache:
-        cache[which] = _select(model, which)
+    Select them once per model: each selection registers the mask hooks."""
+    trained = _select(model, which)
     for p in model.parameters():
         p.requires_grad_(False)
-    for t in cache[which]:
+    for t in trained:
         t.param.requires_grad_(True)
-    return cache[which]
+    return trained
 
 
 def _select(model, which: str) -> list[Trained]:

@@ -4,29 +4,30 @@ over seeds (mean ± std, bootstrap 95% interval over examples). A pure function 
 Attention outputs and maps are streamed shard by shard (report/merge.py); what stays in memory is
 per example and layer: a few floats each.
 
-Names of the similarity results (each [examples, layers], and its mean over layers):
+The similarity results (each [examples, layers], and its mean over layers), by key (report/keys.py):
     simaou/<ft setting>         cos(ĥ_ICL − ĥ_ZSL, ĥ_FT − ĥ_ZSL)
     simaou/random_<kind>        the same with a seeded random vector as the FT update
     simam/zsl                   cos(m_ICL, m_ZSL): before FT (Dai et al.)
     simam/<ft setting>          cos(m_ICL, m_FT): after FT
     simam_delta/<ft setting>    cos(m_ICL − m_ZSL, m_FT − m_ZSL)
+
+Results are keyed by `Key` in memory (results.json writes them out as strings).
 """
 
 from __future__ import annotations
 
-import json
 import zlib
 from pathlib import Path
 
 import numpy as np
 
-from icl_scale.methods.finetune import METHODS as FT_SETTINGS
 from icl_scale.report import metrics as M
+from icl_scale.report.keys import RPA_LABELS, Key
 from icl_scale.report.merge import JobRecords
-from icl_scale.runtime.rundir import ft_log_path, job_dir, job_meta_path, load_run, read_failures
+from icl_scale.runtime import rundir
+from icl_scale.settings import ft_settings
 
 RANDOM_KINDS = ("uniform", "gaussian")
-RPA_VARIANTS = ("all", "correct", "incorrect", "same_label")
 BOOTSTRAP = 1000
 
 
@@ -37,23 +38,23 @@ def random_update(task: str, seed: int, example_id: int, kind: str, shape: tuple
     return M.random_updates(shape, kind, rng)
 
 
-def similarities(recs: dict[str, JobRecords], ft: list[str], task: str, seed: int) -> dict[str, np.ndarray]:
+def similarities(recs: dict[str, JobRecords], ft: list[str], task: str, seed: int) -> dict[Key, np.ndarray]:
     """Every similarity result of one job, [examples sorted by id, layers]."""
     ids = recs["zsl"].ids
     row = {i: k for k, i in enumerate(ids)}
-    out: dict[str, np.ndarray] = {}
+    out: dict[Key, np.ndarray] = {}
     for chunk in recs["zsl"].chunks():
         data = {s: r.large(chunk) for s, r in recs.items()}
         (h_z, m_z), (h_i, m_i) = data["zsl"], data["icl"]
-        vals = {"simam/zsl": M.simam(m_i, m_z)}
+        vals = {Key("simam", "zsl"): M.simam(m_i, m_z)}
         for kind in RANDOM_KINDS:
             r = np.stack([random_update(task, seed, i, kind, h_z.shape[1:]) for i in chunk])
-            vals[f"simaou/random_{kind}"] = M.simaou_random(h_z, h_i, r)
+            vals[Key("simaou", f"random_{kind}")] = M.simaou_random(h_z, h_i, r)
         for f in ft:
             h_f, m_f = data[f]
-            vals[f"simaou/{f}"] = M.simaou(h_z, h_i, h_f)
-            vals[f"simam/{f}"] = M.simam(m_i, m_f)
-            vals[f"simam_delta/{f}"] = M.simam_delta(m_z, m_i, m_f)
+            vals[Key("simaou", f)] = M.simaou(h_z, h_i, h_f)
+            vals[Key("simam", f)] = M.simam(m_i, m_f)
+            vals[Key("simam_delta", f)] = M.simam_delta(m_z, m_i, m_f)
         at = [row[i] for i in chunk]
         for name, v in vals.items():
             if name not in out:
@@ -65,16 +66,16 @@ def similarities(recs: dict[str, JobRecords], ft: list[str], task: str, seed: in
 def analyze_job(run_dir: Path, h: str, task: str, seed: int, methods: list[str]) -> tuple[dict, dict]:
     """(results of one task × seed, per-example arrays for the bootstrap). `methods`: the settings
     that did not fail."""
-    meta = json.loads(job_meta_path(run_dir, task, seed).read_text())
+    meta = rundir.read_job_meta(run_dir, task, seed)
     if not methods:
         return {"n": len(meta["eval_ids"]), "acc": {}, "meta": meta, "ft_logs": {}}, {}
-    recs = {s: JobRecords(job_dir(run_dir, task, s, seed), h, meta["eval_ids"]) for s in methods}
+    recs = {s: JobRecords(rundir.job_dir(run_dir, task, s, seed), h, meta["eval_ids"]) for s in methods}
     small = {s: r.small(("ids", "gold", "pred")) for s, r in recs.items()}
     gold = small[methods[0]]["gold"]
     pred = {s: small[s]["pred"] for s in methods}
-    ft = [m for m in methods if m in FT_SETTINGS]
+    ft = ft_settings(methods)
     res: dict = {"n": len(gold), "acc": {s: M.accuracy(p, gold) for s, p in pred.items()}, "meta": meta}
-    examples: dict = {"gold": gold} | {f"pred/{s}": p for s, p in pred.items()}
+    examples: dict = {"gold": gold} | {("pred", s): p for s, p in pred.items()}
     if "zsl" in pred and "icl" in pred:
         res["rec2ftp"] = {f: M.rec2ftp(pred["zsl"], pred["icl"], pred[f], gold) for f in ft}
         res["rpa"] = {f: M.rpa(pred["zsl"], pred["icl"], pred[f], gold) for f in ft}
@@ -86,29 +87,26 @@ def analyze_job(run_dir: Path, h: str, task: str, seed: int, methods: list[str])
             # left out of the means above; the report says how many
             res["undefined"] = {name: [int(np.isnan(v).sum()), int(v.size)] for name, v in sims.items()
                                 if np.isnan(v).any()}
-    res["ft_logs"] = {}
-    for f in ft:
-        p = ft_log_path(run_dir, task, f, seed)
-        if p.is_file():
-            res["ft_logs"][f] = json.loads(p.read_text())
+    logs = {f: rundir.read_ft_log(run_dir, task, f, seed) for f in ft}
+    res["ft_logs"] = {f: log for f, log in logs.items() if log is not None}
     return res, examples
 
 
 def stats(per_seed: dict[int, dict], examples: dict[int, dict], methods: list[str]) -> dict[str, dict]:
     """Every headline figure over seeds: per-seed values, mean ± std, bootstrap 95% interval."""
-    ft = [m for m in methods if m in FT_SETTINGS]
+    ft = ft_settings(methods)
     seeds = sorted(per_seed)
-    figures: dict[str, tuple] = {}   # key -> (value of one seed's results, per-example fields, statistic)
+    figures: dict[Key, tuple] = {}   # key -> (value of one seed's results, per-example fields, statistic)
     for s in methods:
-        figures[f"acc/{s}"] = (lambda r, s=s: r["acc"][s], (f"pred/{s}", "gold"), lambda a: M.accuracy(*a))
+        figures[Key("acc", s)] = (lambda r, s=s: r["acc"][s], (("pred", s), "gold"), lambda a: M.accuracy(*a))
     if "zsl" in methods and "icl" in methods:
-        fields = lambda f: ("pred/zsl", "pred/icl", f"pred/{f}", "gold")   # noqa: E731
+        fields = lambda f: (("pred", "zsl"), ("pred", "icl"), ("pred", f), "gold")   # noqa: E731
         for f in ft:
-            figures[f"rec2ftp/{f}"] = (lambda r, f=f: r["rec2ftp"][f], fields(f), lambda a: M.rec2ftp(*a))
-            for v in RPA_VARIANTS:
-                figures[f"rpa/{f}/{v}"] = (lambda r, f=f, v=v: r["rpa"][f][v], fields(f),
-                                           lambda a, v=v: M.rpa(*a)[v])
-    for name in sorted({n for s in seeds for n in per_seed[s].get("similarity", {})}):
+            figures[Key("rec2ftp", f)] = (lambda r, f=f: r["rec2ftp"][f], fields(f), lambda a: M.rec2ftp(*a))
+            for v in RPA_LABELS:
+                figures[Key("rpa", f, v)] = (lambda r, f=f, v=v: r["rpa"][f][v], fields(f),
+                                             lambda a, v=v: M.rpa(*a)[v])
+    for name in sorted({n for s in seeds for n in per_seed[s].get("similarity", {})}, key=str):
         figures[name] = (lambda r, n=name: r["similarity"][n], (name,), lambda a: float(M.nanmean(a[0])))
     out = {}
     for key, (value, fields, stat) in figures.items():
@@ -125,22 +123,21 @@ def stats(per_seed: dict[int, dict], examples: dict[int, dict], methods: list[st
 def analyze(run_dir: Path) -> dict:
     """All results of a run (JSON-ready)."""
     run_dir = Path(run_dir)
-    run = load_run(run_dir)
-    cfg, h = run["config"], run["config_hash"]
-    methods = list(cfg["eval"]["methods"])
-    failures = [f for f in read_failures(run_dir) if f["config_hash"] == h]
+    cfg, h = rundir.read_config(run_dir)
+    methods = list(cfg.eval.methods)
+    failures = [f for f in rundir.read_failures(run_dir) if f["config_hash"] == h]
     tasks = {}
-    for task in cfg["data"]["tasks"]:
+    for task in cfg.data.tasks:
         per_seed, examples, failed = {}, {}, {}
-        for seed in cfg["data"]["seeds"]:
+        for seed in cfg.data.seeds:
             bad = {f["setting"] for f in failures if f["task"] == task and f["seed"] == seed}
             for s in sorted(bad):
                 failed.setdefault(s, []).append(seed)
             per_seed[seed], examples[seed] = analyze_job(run_dir, h, task, seed, [m for m in methods if m not in bad])
-        names = sorted({n for r in per_seed.values() for n in r.get("layers", {})})
+        names = sorted({n for r in per_seed.values() for n in r.get("layers", {})}, key=str)
         layers = {n: M.nanmean([r["layers"][n] for r in per_seed.values() if n in r.get("layers", {})], axis=0).tolist()
                   for n in names}
         tasks[task] = {"seeds": {str(s): r for s, r in per_seed.items()}, "summary": stats(per_seed, examples, methods),
                        "layers": layers, "failed": failed}
     return {"run_dir": str(run_dir), "config_hash": h, "config": cfg, "methods": methods,
-            "ft_settings": [m for m in methods if m in FT_SETTINGS], "tasks": tasks, "failures": failures}
+            "ft_settings": ft_settings(methods), "tasks": tasks, "failures": failures}

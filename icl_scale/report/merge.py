@@ -42,11 +42,11 @@ class JobRecords:
         self._cached: tuple[Path, dict] | None = None
 
     def _load(self, path: Path, keys) -> dict:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="np") as f:
             meta = f.metadata()
             if meta.get("config_hash") != self.hash:
                 raise UserError(f"shard {path}: written by config {meta.get('config_hash')}, not {self.hash}")
-            out = {k: f.get_tensor(k).numpy() for k in keys if k in f.keys()}
+            out = {k: f.get_tensor(k) for k in keys if k in f.keys()}
         listed = next(e["ids"] for p, e in self.shards if p == path)
         if "ids" in out and out["ids"].tolist() != listed:
             raise UserError(f"shard {path}: its ids differ from its manifest entry")
@@ -61,7 +61,7 @@ class JobRecords:
         return {k: np.concatenate([p[k] for p in parts])[order] for k in keys if k in parts[0]}
 
     def has_capture(self) -> bool:
-        with safe_open(str(self.shards[0][0]), framework="pt") as f:
+        with safe_open(str(self.shards[0][0]), framework="np") as f:
             return "attn_out" in f.keys()
 
     def chunks(self):
@@ -91,17 +91,3 @@ class JobRecords:
             for k, row in wanted:
                 attn[k], scores[k] = part["attn_out"][row], part["maps"][row]
         return np.stack(attn), scores
-
-
-def merge_job(job_dir: Path, config_hash: str, expected_ids: list[int], keys=SMALL) -> dict:
-    """Every record of a job, sorted by id (for tests and small runs; reports stream instead).
-    "scores" (ragged) comes back as a list of [L, H, n] arrays in the same order."""
-    rec = JobRecords(job_dir, config_hash, expected_ids)
-    out = rec.small(tuple(k for k in keys if k in SMALL))
-    if {"attn_out", "scores"} & set(keys) and rec.has_capture():
-        attn, maps = rec.large(rec.ids)
-        if "attn_out" in keys:
-            out["attn_out"] = attn
-        if "scores" in keys:
-            out["scores"] = maps
-    return out

@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
-from icl_scale.report.tables import LABELS, label
+from icl_scale import atomic
+from icl_scale.settings import SETTINGS
 
 
 def _pyplot():
@@ -18,12 +18,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
 
 
 def grad_heatmap(results: dict, task: str, path: Path) -> str | None:
@@ -45,14 +39,14 @@ def grad_heatmap(results: dict, task: str, path: Path) -> str | None:
         finite = g[np.isfinite(g)]
         norm = LogNorm(vmin=finite.min(), vmax=finite.max()) if len(finite) and finite.min() > 0 else None
         im = ax.imshow(g, aspect="auto", origin="lower", cmap="viridis", norm=norm, interpolation="nearest")
-        ax.set_title(LABELS[f])
+        ax.set_title(SETTINGS[f].label)
         ax.set_xlabel("FT step (demonstration)")
         ax.set_ylabel("layer")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         fig.colorbar(im, ax=ax, label="gradient L2 norm")
     fig.suptitle(f"{task}, seed {seed}: per-layer gradient norm of the trained parameters")
-    _save(fig, path)
+    atomic.save_png(path, fig)
     plt.close(fig)
     return (f"{task}, seed {seed}: L2 norm of each layer's trained-parameter gradient (rows, layer 0 at the bottom) "
             f"at each FT step (columns), log colour scale; one panel per FT setting.")
@@ -67,19 +61,19 @@ def layer_curves(results: dict, task: str, path: Path) -> str | None:
     from matplotlib.ticker import MaxNLocator
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
-    for name, values in layers.items():
-        ax = a if name.startswith("simaou/") else b if name.startswith("simam/") else None
+    for key, values in layers.items():
+        ax = {"simaou": a, "simam": b}.get(key.metric)
         if ax is None:
             continue
-        style = ":" if "random" in name else "--" if name == "simam/zsl" else "-"
-        ax.plot(range(len(values)), values, style, marker=".", label=label(name))
+        style = ":" if key.baseline else "--" if (key.metric, key.of) == ("simam", "zsl") else "-"
+        ax.plot(range(len(values)), values, style, marker=".", label=key.label)
     for ax, title in ((a, "SimAOU"), (b, "SimAM")):
         ax.set_title(f"{task}: {title} per layer")
         ax.set_xlabel("layer")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=.3)
         ax.legend(fontsize=7)
-    _save(fig, path)
+    atomic.save_png(path, fig)
     plt.close(fig)
     return (f"{task}: per-layer SimAOU (left; dotted: random baselines) and SimAM (right; dashed: before FT), "
             f"mean over examples and seeds.")

@@ -3,7 +3,6 @@ versions, wall time per phase, skipped FT steps. Read from the run dir only."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from icl_scale.report.tables import Table
@@ -13,7 +12,8 @@ from icl_scale.runtime.rundir import read_invocations
 def undefined_summary(results: dict, most: int = 8) -> str:
     """Which similarity figures have (example, layer) values left out, and how many of how many."""
     items = [f"{task} seed {seed} `{name}` {k} of {n}" for task, t in results["tasks"].items()
-             for seed, r in t["seeds"].items() for name, (k, n) in sorted(r.get("undefined", {}).items())]
+             for seed, r in t["seeds"].items()
+             for name, (k, n) in sorted(r.get("undefined", {}).items(), key=lambda kv: str(kv[0]))]
     if not items:
         return "none"
     return "; ".join(items[:most]) + (f"; and {len(items) - most} more (results.json)" if len(items) > most else "")
@@ -23,8 +23,8 @@ def provenance(run_dir: Path, results: dict) -> tuple[list[str], Table, Table]:
     """(bullet lines, per-task data table, per-launch table)."""
     cfg = results["config"]
     invocations = read_invocations(Path(run_dir))
-    manifest = next(Path(run_dir).glob("shards/*/*/*/manifest-r*.json"), None)
-    world = json.loads(manifest.read_text())["world_size"] if manifest else "unknown"
+    sizes = sorted({i["world_size"] for i in invocations})
+    world = ", ".join(map(str, sizes)) if sizes else "unknown"
     ds = next((i["deepspeed"] for i in reversed(invocations) if i.get("deepspeed")), None)
     zero = "none (plain PyTorch on every rank)" if ds is None else \
         f"ZeRO-{ds['config'].get('zero_optimization', {}).get('stage', 0)} ({ds['file']})"
@@ -32,18 +32,18 @@ def provenance(run_dir: Path, results: dict) -> tuple[list[str], Table, Table]:
                   for log in r["ft_logs"].values())
     steps = sum(log["steps"] for t in results["tasks"].values() for r in t["seeds"].values()
                 for log in r["ft_logs"].values())
-    m, d, f = cfg["model"], cfg["data"], cfg["finetune"]
+    m, d, f = cfg.model, cfg.data, cfg.finetune
     packages = invocations[-1]["packages"] if invocations else {}
     lines = [
-        f"- Model: `{m['name']}` ({m['dtype']}, {m['attn']} attention{', untrained control' if m['untrained'] else ''})",
-        f"- Seeds: {', '.join(str(s) for s in d['seeds'])}; k requested: {d['k']}; eval cap: {d['eval_max'] or 'none'}",
-        f"- Label switching: " + (f"{d['label_noise']:.0%} of demonstrations ({d['label_noise_mode']})"
-                                  if d["label_noise"] else "none"),
+        f"- Model: `{m.name}` ({m.dtype}, {m.attn} attention{', untrained control' if m.untrained else ''})",
+        f"- Seeds: {', '.join(str(s) for s in d.seeds)}; k requested: {d.k}; eval cap: {d.eval_max or 'none'}",
+        f"- Label switching: " + (f"{d.label_noise:.0%} of demonstrations ({d.label_noise_mode})"
+                                  if d.label_noise else "none"),
         f"- World size: {world}; DeepSpeed: {zero}",
-        f"- Finetuning: {f['optimizer']}, trained: {f['train']}, demonstrations: {f['demos']}, clipping: "
-        + ("none" if f["clip"] == "none" else f"{f['clip']} at {f['clip_value']}")
+        f"- Finetuning: {f.optimizer}, trained: {f.train}, demonstrations: {f.demos}, clipping: "
+        + ("none" if f.clip == "none" else f"{f.clip} at {f.clip_value}")
         + f"; {steps} steps, {skipped} skipped",
-        f"- Recording position: {cfg['eval']['record_position']}; config hash `{results['config_hash']}`",
+        f"- Recording position: {cfg.eval.record_position}; config hash `{results['config_hash']}`",
         "- Packages: " + ", ".join(f"{k} {v}" for k, v in packages.items()),
         "- Similarity values left out as undefined (a zero update, or activations beyond float32): "
         + undefined_summary(results),

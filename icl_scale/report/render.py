@@ -15,11 +15,10 @@ import csv
 import io
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 
-from icl_scale.capture.shards import atomic_write_text
+from icl_scale import atomic
+from icl_scale import config as C
 from icl_scale.report.analysis import analyze
 from icl_scale.report.plots import figures
 from icl_scale.report.provenance import provenance
@@ -39,7 +38,7 @@ def markdown(results: dict, tables: list[Table], figs: list[tuple[str, str]], pr
     lines, data, launches = prov
     cfg = results["config"]
     out = [f"# icl_scale run `{Path(results['run_dir']).name}`", "",
-           f"Model `{cfg['model']['name']}` · tasks {', '.join(results['tasks'])} · settings "
+           f"Model `{cfg.model.name}` · tasks {', '.join(results['tasks'])} · settings "
            f"{', '.join(results['methods'])} · config hash `{results['config_hash']}`", ""]
     for t in tables:
         out += md_table(t)
@@ -73,12 +72,12 @@ def metrics_csv(results: dict) -> str:
     for task, t in results["tasks"].items():
         for key, s in t["summary"].items():
             for seed, v in zip(s["seeds"], s["per_seed"]):
-                w.writerow([task, seed, key, "mean", num(v), "", "", ""])
-            w.writerow([task, "all", key, "mean", num(s["mean"]), num(s["std"]), num(s["ci"][0]), num(s["ci"][1])])
+                w.writerow([task, seed, str(key), "mean", num(v), "", "", ""])
+            w.writerow([task, "all", str(key), "mean", num(s["mean"]), num(s["std"]), num(s["ci"][0]), num(s["ci"][1])])
         for seed, r in t["seeds"].items():
             for key, values in r.get("layers", {}).items():
                 for layer, v in enumerate(values):
-                    w.writerow([task, seed, key, layer, num(v), "", "", ""])
+                    w.writerow([task, seed, str(key), layer, num(v), "", "", ""])
     return buf.getvalue()
 
 
@@ -95,39 +94,32 @@ def rich_tables(tables: list[Table]):
 
 
 def _json_ready(x):
-    """NaN (an undefined figure) as null: strict JSON."""
+    """NaN (an undefined figure) as null: strict JSON; figure keys written out; the config as a tree."""
     if isinstance(x, float) and math.isnan(x):
         return None
+    if isinstance(x, C.RunConfig):
+        return C.to_dict(x)
     if isinstance(x, dict):
-        return {k: _json_ready(v) for k, v in x.items()}
+        return {str(k): _json_ready(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_json_ready(v) for v in x]
     return x
 
 
-def write_report(run_dir: Path, report_dir: Path, console=None, compare: bool = False) -> Path:
-    """Build the report of run_dir under report_dir/<run name>/ and print its summary."""
+def write_report(run_dir: Path, report_dir: Path, console=None, compare: bool = False) -> dict:
+    """Build the report of run_dir under report_dir/<run name>/ (swapped in whole: a failed report
+    leaves the previous one as it was), print its summary; return the analysis results."""
     run_dir = Path(run_dir)
     results = analyze(run_dir)
     tables = paper_tables(results, compare)
     final = Path(report_dir) / run_dir.name
-    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic.directory(final) as tmp:
         figs = figures(results, tmp)
-        atomic_write_text(tmp / "report.md", markdown(results, tables, figs, provenance(run_dir, results)))
-        atomic_write_text(tmp / "metrics.csv", metrics_csv(results))
-        atomic_write_text(tmp / "results.json", json.dumps(_json_ready(results), indent=1, allow_nan=False))
-        old = final.with_name(f".{final.name}.old{os.getpid()}")
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic.write_text(tmp / "report.md", markdown(results, tables, figs, provenance(run_dir, results)))
+        atomic.write_text(tmp / "metrics.csv", metrics_csv(results))
+        atomic.write_text(tmp / "results.json", json.dumps(_json_ready(results), indent=1, allow_nan=False))
     if console is not None:
         for rt in rich_tables(tables):
             console.print(rt)
         console.print(f"report: {final / 'report.md'}")
-    return final / "report.md"
+    return results

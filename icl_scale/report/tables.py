@@ -6,12 +6,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from icl_scale.report.keys import RPA_LABELS, Key
 from icl_scale.report.reference import reference
-
-LABELS = {"zsl": "ZSL", "icl": "ICL", "ft": "FT", "ft_lc": "layer-causal FT", "ft_lc_clip": "layer-causal FT (clipped)",
-          "ft_lin": "linearized FT"}
-RPA_LABELS = {"all": "RPA", "correct": "RPA – changes to correct", "incorrect": "RPA – changes to incorrect",
-              "same_label": "RPA – same new label (reference's variant)"}
+from icl_scale.settings import SETTINGS
 
 
 @dataclass
@@ -20,27 +17,7 @@ class Table:
     header: list[str]
     rows: list[list[str]]
     caption: str = ""
-    keys: list[str] = field(default_factory=list)   # the metric key of each row, where rows are metrics
-
-
-def label(key: str) -> str:
-    kind, _, rest = key.partition("/")
-    if kind == "acc":
-        return f"{LABELS.get(rest, rest)} accuracy"
-    if kind == "rec2ftp":
-        return f"Rec2FTP ({LABELS[rest]})"
-    if kind == "rpa":
-        f, v = rest.split("/")
-        return f"{RPA_LABELS[v]} ({LABELS[f]})"
-    if kind == "simaou":
-        if rest.startswith("random_"):
-            return "SimAOU (random, " + ("Uniform[0,1))" if rest == "random_uniform" else "Gaussian)")
-        return f"SimAOU ({LABELS[rest]})"
-    if kind == "simam":
-        return "SimAM (before FT)" if rest == "zsl" else f"SimAM (after {LABELS[rest]})"
-    if kind == "simam_delta":
-        return f"SimAM_Δ ({LABELS[rest]})"
-    return key
+    keys: list[Key] = field(default_factory=list)   # the metric key of each row, where rows are metrics
 
 
 def _nan(x) -> bool:
@@ -51,18 +28,9 @@ def fmt(x: float | None, digits: int = 4) -> str:
     return "–" if _nan(x) else f"{x:.{digits}f}"
 
 
-def settings_of(key: str) -> set[str]:
-    """The settings a figure is computed from."""
-    kind, _, rest = key.partition("/")
-    if kind == "acc":
-        return {rest}
-    setting = rest.split("/")[0]
-    return {"zsl", "icl"} | ({setting} if setting in LABELS and setting not in ("zsl", "icl") else set())
-
-
-def cell(task_results: dict, key: str, task: str, compare: bool) -> str:
+def cell(task_results: dict, key: Key, task: str, compare: bool) -> str:
     s = task_results["summary"].get(key)
-    failed = sorted({seed for setting in settings_of(key) for seed in task_results.get("failed", {}).get(setting, [])})
+    failed = sorted({seed for setting in key.settings for seed in task_results.get("failed", {}).get(setting, [])})
     if s is None or _nan(s["mean"]):
         text = "failed" if failed else "–"
     else:
@@ -70,39 +38,39 @@ def cell(task_results: dict, key: str, task: str, compare: bool) -> str:
         if failed:
             text += " (seed " + ", ".join(map(str, failed)) + " failed)"
     if compare:
-        text += f" ({fmt(reference(key, task))})"
+        text += f" ({fmt(reference(str(key), task))})"
     return text
 
 
-def task_average(results: dict, key: str) -> float:
+def task_average(results: dict, key: Key) -> float:
     """The mean over tasks of a figure's mean over seeds (NaN where no task has it)."""
     means = [r["summary"][key]["mean"] for r in results["tasks"].values() if key in r["summary"]]
     means = [m for m in means if not _nan(m)]
     return sum(means) / len(means) if means else math.nan
 
 
-VARIANT_KEYS = ["acc/zsl", "acc/icl", "acc/ft", "acc/ft_lc", "acc/ft_lc_clip", "acc/ft_lin", "rpa/ft/all",
-                "simaou/random_uniform", "simaou/ft", "simaou/ft_lc", "simaou/ft_lin", "simam/zsl", "simam/ft",
-                "simam/ft_lc", "simam/ft_lin"]
+VARIANT_KEYS = ([Key("acc", s) for s in SETTINGS] + [Key("rpa", "ft", "all"), Key("simaou", "random_uniform")]
+                + [Key("simaou", f) for f in ("ft", "ft_lc", "ft_lin")]
+                + [Key("simam", s) for s in ("zsl", "ft", "ft_lc", "ft_lin")])
 
 
 def variant_table(results_of: dict[str, dict], titles: dict[str, str]) -> Table:
     """Study variants side by side: each figure's average over tasks, one column per variant."""
     keys = [k for k in VARIANT_KEYS if any(k in r["summary"] for res in results_of.values()
                                             for r in res["tasks"].values())]
-    rows = [[label(k)] + [fmt(task_average(res, k)) for res in results_of.values()] for k in keys]
+    rows = [[k.label] + [fmt(task_average(res, k)) for res in results_of.values()] for k in keys]
     return Table("Variants side by side", ["metric"] + [titles[v] for v in results_of], rows,
                  "Each figure averaged over tasks (and seeds). Label switching shows how much of ICL and FT "
                  "follows the demonstrations' labels; the untrained control, what the similarity metrics "
                  "give without pretrained weights.", keys)
 
 
-def metric_table(results: dict, title: str, keys: list[str], caption: str, compare: bool) -> Table | None:
+def metric_table(results: dict, title: str, keys: list[Key], caption: str, compare: bool) -> Table | None:
     tasks = list(results["tasks"])
     keys = [k for k in keys if any(k in results["tasks"][t]["summary"] for t in tasks)]
     if not keys:
         return None
-    rows = [[label(k)] + [cell(results["tasks"][t], k, t, compare) for t in tasks] + [fmt(task_average(results, k))]
+    rows = [[k.label] + [cell(results["tasks"][t], k, t, compare) for t in tasks] + [fmt(task_average(results, k))]
             for k in keys]
     if compare:
         caption += " In parentheses: the paper's figure (GPT 1.3B), – where it has none."
@@ -111,32 +79,33 @@ def metric_table(results: dict, title: str, keys: list[str], caption: str, compa
 
 def paper_tables(results: dict, compare: bool = False) -> list[Table]:
     ft, cfg = results["ft_settings"], results["config"]
-    seeds = len(cfg["data"]["seeds"])
+    seeds = len(cfg.data.seeds)
     spread = f" Mean over {seeds} seeds ± standard deviation." if seeds > 1 else " One seed."
     out = [metric_table(
         results, "Accuracy and prediction alignment",
-        [f"acc/{m}" for m in results["methods"]] + [f"rec2ftp/{f}" for f in ft]
-        + [f"rpa/{f}/{v}" for f in ft for v in RPA_LABELS],
+        [Key("acc", m) for m in results["methods"]] + [Key("rec2ftp", f) for f in ft]
+        + [Key("rpa", f, v) for f in ft for v in RPA_LABELS],
         "RPA = |D_ICL ∩ D_FT| / |D_ICL ∪ D_FT|, D_X the examples whose prediction X changed from ZSL." + spread,
         compare)]
     out.append(metric_table(
         results, "SimAOU and SimAM: standard vs layer-causal FT",
-        ["simaou/random_uniform", "simaou/random_gaussian", "simaou/ft", "simaou/ft_lc", "simam/zsl", "simam/ft",
-         "simam/ft_lc", "simam_delta/ft", "simam_delta/ft_lc"],
+        [Key("simaou", "random_uniform"), Key("simaou", "random_gaussian"), Key("simaou", "ft"), Key("simaou", "ft_lc"),
+         Key("simam", "zsl"), Key("simam", "ft"), Key("simam", "ft_lc"), Key("simam_delta", "ft"),
+         Key("simam_delta", "ft_lc")],
         "Means over examples and layers. Random baselines: the FT update replaced by a seeded random vector." + spread,
         compare))
     if "ft_lc_clip" in ft:
-        f = cfg["finetune"]
+        f = cfg.finetune
         out.append(metric_table(
             results, "Layer-causal FT with clipping",
-            ["simaou/ft", "simaou/ft_lc", "simaou/ft_lc_clip", "simam/zsl", "simam/ft", "simam/ft_lc",
-             "simam/ft_lc_clip", "simam_delta/ft_lc_clip"],
-            f"Clipped setting: {f['lc_clip']} at {f['lc_clip_value']}." + spread, compare))
+            [Key("simaou", "ft"), Key("simaou", "ft_lc"), Key("simaou", "ft_lc_clip"), Key("simam", "zsl"),
+             Key("simam", "ft"), Key("simam", "ft_lc"), Key("simam", "ft_lc_clip"), Key("simam_delta", "ft_lc_clip")],
+            f"Clipped setting: {f.lc_clip} at {f.lc_clip_value}." + spread, compare))
     if "ft_lin" in ft:
         out.append(metric_table(
             results, "Linearized FT",
-            ["simaou/random_uniform", "simaou/ft", "simaou/ft_lin", "simam/zsl", "simam/ft", "simam/ft_lin",
-             "simam_delta/ft_lin"],
+            [Key("simaou", "random_uniform"), Key("simaou", "ft"), Key("simaou", "ft_lin"), Key("simam", "zsl"),
+             Key("simam", "ft"), Key("simam", "ft_lin"), Key("simam_delta", "ft_lin")],
             "f_lin = f(θ0) + J·δ, evaluated through its dual pass; every task." + spread, compare))
     return [t for t in out if t is not None]
 
@@ -144,7 +113,7 @@ def paper_tables(results: dict, compare: bool = False) -> list[Table]:
 def interval_table(results: dict, task: str) -> Table:
     """Every headline figure of one task with its spread and bootstrap interval."""
     summary = results["tasks"][task]["summary"]
-    rows = [[label(k), fmt(s["mean"]), fmt(s["std"]), f"[{fmt(s['ci'][0])}, {fmt(s['ci'][1])}]",
+    rows = [[k.label, fmt(s["mean"]), fmt(s["std"]), f"[{fmt(s['ci'][0])}, {fmt(s['ci'][1])}]",
              ", ".join(f"{seed}: {fmt(v)}" for seed, v in zip(s["seeds"], s["per_seed"]))] for k, s in summary.items()]
     return Table(f"{task}: all figures", ["metric", "mean", "std over seeds", "bootstrap 95% CI", "per seed"], rows,
                  "Bootstrap: 1000 resamples of the examples of each seed (seeded), mean over seeds.",
@@ -158,12 +127,13 @@ def layer_table(results: dict, task: str) -> Table | None:
     names = list(layers)
     n = len(layers[names[0]])
     rows = [[str(i)] + [fmt(layers[k][i]) for k in names] for i in range(n)]
-    return Table(f"{task}: per layer", ["layer"] + [label(k) for k in names], rows,
+    return Table(f"{task}: per layer", ["layer"] + [k.label for k in names], rows,
                  "Mean over examples (and seeds) at each layer; layer 0 is nearest the input.")
 
 
 def failure_table(results: dict) -> Table | None:
-    rows = [[f["task"], str(f["seed"]), LABELS.get(f["setting"], f["setting"]), str(f["rank"]), f["error"]]
+    rows = [[f["task"], str(f["seed"]), SETTINGS[f["setting"]].label if f["setting"] in SETTINGS else f["setting"],
+             str(f["rank"]), f["error"]]
             for f in results.get("failures", [])]
     if not rows:
         return None
@@ -178,7 +148,7 @@ def finetune_table(results: dict) -> Table | None:
             for f, log in r["ft_logs"].items():
                 losses = [x for x in log["losses"] if not _nan(x)]
                 clip = "none" if log["clip"] == "none" else f"{log['clip']} at {log['clip_value']}"
-                rows.append([task, seed, LABELS[f], f"{log['lr']:g}", clip, str(log["steps"]), str(log["skipped"]),
+                rows.append([task, seed, SETTINGS[f].label, f"{log['lr']:g}", clip, str(log["steps"]), str(log["skipped"]),
                              fmt(losses[0]) if losses else "–", fmt(losses[-1]) if losses else "–"])
     if not rows:
         return None

@@ -35,6 +35,11 @@ def all_max(state, value: int) -> int:
     return int(t.item())
 
 
+def peak_gpu_mib(state) -> float | None:
+    """This rank's peak allocated GPU memory (None on CPU)."""
+    return round(torch.cuda.max_memory_allocated(state.device) / 2**20, 1) if state.device.type == "cuda" else None
+
+
 @contextmanager
 def main_first(state):
     """The main process runs the block first (e.g. a one-time model conversion), then the others."""

@@ -1,64 +1,26 @@
-"""Where finetuning steps run: plain PyTorch on every rank, or a DeepSpeed ZeRO engine prepared by
-accelerate from a `ds_configs/*.json` file.
+"""What a launch sets up once: the process state, the DeepSpeed config of `finetune.deepspeed`
+(read and checked once, before any work) and the Accelerator that prepares its engine.
 
-Both see the same data on every rank (batch 1), so a step's gradient is the same whatever the
-world size: DeepSpeed averages identical gradients. Both hand the loop full, unpartitioned
-gradients of the trained parameters (for per-layer norms and every clipping mode) and take back
-the clipped ones.
-
-Under ZeRO-3 every parameter is partitioned over the ranks and gathered inside each module's
-forward, so every forward is a collective: the ranks must run the same forwards in lockstep
-(`lockstep`), evaluation included (run.py pads the shorter shares).
+The Accelerator is made before the model is loaded: under ZeRO-3 it keeps transformers' DeepSpeed
+config alive, so a checkpoint loads partitioned (zero.Init: each rank keeps its share, never the
+whole model). accelerate allows one per process: a suite's runs share it.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from icl_scale.errors import UserError
-from icl_scale.modeling.params import full_shape
+from icl_scale.runtime import dist
 
 DS_KEYS = {"train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps", "gradient_clipping",
            "zero_force_ds_cpu_optimizer", "zero_optimization", "bf16", "fp16", "steps_per_print", "wall_clock_breakdown",
            "zero_allow_untested_optimizer"}
-
-
-def make_optimizer(name: str, params, lr: float):
-    if name == "sgd":  # plain SGD: no momentum, no weight decay
-        return torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=0.0)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-
-
-class TorchBackend:
-    lockstep = False      # every forward a collective (ZeRO-3)
-    collective = False    # FT steps hold collectives (any DeepSpeed engine)
-
-    def optimizer(self, name, lr, trained, deltas=None):
-        """The optimizer of one job: over δ for the linearized model, else the trained parameters."""
-        return make_optimizer(name, deltas if deltas is not None else [t.param for t in trained], lr)
-
-    def grads(self, loss, trained):
-        return list(torch.autograd.grad(loss, [t.param for t in trained]))
-
-    def apply(self, trained, grads, opt_targets, opt):
-        for x, g in zip(opt_targets, grads):
-            x.grad = g
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    def full(self, trained) -> list[torch.Tensor]:
-        """Copies of the trained parameters, whole."""
-        return [t.param.detach().clone() for t in trained]
-
-    def restore(self, trained, saved):
-        with torch.no_grad():
-            for t, s in zip(trained, saved):
-                t.param.copy_(s)
 
 
 def read_ds_config(path: str) -> dict:
@@ -80,31 +42,42 @@ def read_ds_config(path: str) -> dict:
     return cfg
 
 
-def _identity_jvp(ctx, *tangents):
-    return tangents[0] if len(tangents) == 1 else tangents
+@dataclass
+class Process:
+    state: object                      # accelerate's PartialState
+    ds_file: str = ""                  # finetune.deepspeed of the launch
+    ds_config: dict | None = None      # as read from ds_file
+    _accelerator: object = None
+
+    def accelerator(self, finetunes: bool):
+        """The DeepSpeed Accelerator of the launch (made on first use) when it has a DeepSpeed
+        config and the run finetunes; else None (plain PyTorch)."""
+        if self.ds_config is None or not finetunes:
+            return None
+        if self._accelerator is None:
+            self._accelerator = _new_accelerator(self.ds_config)
+        return self._accelerator
+
+    def check(self, cfg) -> None:
+        if cfg.finetune.deepspeed != self.ds_file:
+            raise UserError(f"finetune.deepspeed: one DeepSpeed config per launch ({self.ds_file or 'none'}, "
+                            f"then {cfg.finetune.deepspeed or 'none'})")
 
 
-_accelerator: tuple[str, object] | None = None   # (config path, Accelerator) of this process
+def prepare_process(cfg) -> Process:
+    """The process of a launch (`icl-scale run` or `suite`): a bad DeepSpeed JSON fails here, before
+    any work; with one, the process state is DeepSpeed's from the start."""
+    ds_config = read_ds_config(cfg.finetune.deepspeed) if cfg.finetune.deepspeed else None
+    if ds_config is not None:
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    return Process(dist.init_state(), cfg.finetune.deepspeed, ds_config)
 
 
-def deepspeed_accelerator(path: str):
-    """The Accelerator of a DeepSpeed run, made before the model is loaded: under ZeRO-3 it keeps
-    transformers' DeepSpeed config alive, so a checkpoint loads partitioned (zero.Init: each rank
-    keeps its share, never the whole model). accelerate allows one per process: a suite's runs,
-    which share the finetuning config, share it."""
-    global _accelerator
-    if _accelerator is None:
-        _accelerator = (path, _new_accelerator(path))
-    elif _accelerator[0] != path:
-        raise UserError(f"finetune.deepspeed: one DeepSpeed config per launch ({_accelerator[0]}, then {path})")
-    return _accelerator[1]
-
-
-def _new_accelerator(path: str):
+def _new_accelerator(ds_config: dict):
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin
 
-    cfg = read_ds_config(path)
+    cfg = copy.deepcopy(ds_config)
     # fixed by the study: batch 1, no accumulation; clipping is ours (all three modes), fp32
     cfg.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, gradient_clipping=0.0,
                zero_force_ds_cpu_optimizer=False, bf16={"enabled": False}, fp16={"enabled": False})
@@ -145,92 +118,3 @@ def loading(accelerator, partitioned: bool):
             plugin.set_deepspeed_weakref()
 
 
-class DeepSpeedBackend(TorchBackend):
-    """One engine for the whole run, built before any forward (ZeRO-3 partitions the model, if
-    zero.Init did not at load); per step: engine backward, full gradients out, clipped gradients
-    back in, engine step."""
-
-    def __init__(self, accelerator, model, trained, optimizer: str):
-        self.accelerator = accelerator
-        self.stage = accelerator.state.deepspeed_plugin.zero_stage
-        self.lockstep = self.stage == 3
-        self.collective = True
-        opt = make_optimizer(optimizer, [t.param for t in trained], 1.0)
-        self.engine, self.opt = self.accelerator.prepare(model, opt)
-        if self.lockstep:
-            # ZeRO-3 wraps module outputs and inputs in autograd Functions that are identities in
-            # value but have no jvp; the forward-mode pass of linearized FT goes through them
-            for m in model.modules():
-                for attr in ("pre_bwd_fn", "post_bwd_fn"):
-                    fn = m.__dict__.get(attr)
-                    if fn is not None:
-                        fn.jvp = staticmethod(_identity_jvp)
-
-    def optimizer(self, name, lr, trained, deltas=None):
-        """The engine's optimizer with fresh state and this job's rate; linearized FT trains δ
-        outside the engine with a plain one."""
-        inner = self.engine.optimizer
-        while hasattr(inner, "optimizer"):   # ZeRO wrapper(s) → the torch optimizer of the partitions
-            inner = inner.optimizer
-        inner.state.clear()   # per job: no Adam moments carried over
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
-        return TorchBackend.optimizer(self, name, lr, trained, deltas) if deltas is not None else self.engine.optimizer
-
-    def grads(self, loss, trained):
-        from deepspeed.utils import safe_get_full_grad
-
-        self.engine.backward(loss)
-        out = []
-        for t in trained:
-            g = safe_get_full_grad(t.param).detach().clone().reshape(full_shape(t.param))
-            out.append(g * t.mask if t.mask is not None else g)
-        return out
-
-    def apply(self, trained, grads, opt_targets, opt):
-        from deepspeed.utils import safe_set_full_grad
-
-        linearized = opt is not self.engine.optimizer   # δ is ours; θ0 must not move
-        for t, g in zip(trained, grads):
-            if self.lockstep:   # ZeRO-3 cuts the flat gradient into equal, padded partitions
-                g = torch.nn.functional.pad(g.flatten(), (0, -g.numel() % self.accelerator.num_processes))
-            safe_set_full_grad(t.param, g)
-        if linearized:
-            # a zero-rate engine step: the engine's own step is what clears its (possibly
-            # offloaded) gradient buffers; zero_grad alone lets them accumulate
-            rates = [group["lr"] for group in self.engine.optimizer.param_groups]
-            for group in self.engine.optimizer.param_groups:
-                group["lr"] = 0.0
-            self.engine.step()
-            for group, lr in zip(self.engine.optimizer.param_groups, rates):
-                group["lr"] = lr
-            TorchBackend.apply(self, trained, grads, opt_targets, opt)
-        else:
-            self.engine.step()
-
-    def full(self, trained) -> list[torch.Tensor]:
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        out = []
-        for t in trained:
-            p = safe_get_full_fp32_param(t.param)
-            out.append((p if p is not None else t.param).detach().clone().reshape(full_shape(t.param)))
-        return out
-
-    def restore(self, trained, saved):
-        import deepspeed
-        from deepspeed.utils import safe_set_full_fp32_param
-
-        with torch.no_grad():
-            if not self.lockstep:
-                for t, s in zip(trained, saved):
-                    safe_set_full_fp32_param(t.param, s)   # the optimizer's master copy
-                    t.param.copy_(s)
-                return
-            # ZeRO-3: the model's partitions, then the master copy refreshed from them. On a GPU the
-            # last forward may have left prefetched parameters in flight, which cannot be gathered.
-            self.engine.empty_partition_cache()
-            with deepspeed.zero.GatheredParameters([t.param for t in trained], modifier_rank=0):
-                for t, s in zip(trained, saved):
-                    t.param.copy_(s)
-            self.engine.optimizer.refresh_fp32_params()

@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichProgress
 
+from icl_scale import atomic
+
 
 def console() -> Console:
     """stderr; wide enough for the summary table when it is not a terminal (logs, CI)."""
@@ -75,12 +77,10 @@ class Progress:
         self.handler.close()
 
     def _sync(self, force: bool = False) -> None:
-        from icl_scale.capture.shards import atomic_write_text
-
         if not force and time.time() - self.last_sync < 1.0:
             return
         self.last_sync = time.time()
-        atomic_write_text(self.dir / f"r{self.rank}.json", json.dumps({"done": self.done, "jobs_done": self.jobs_done}))
+        atomic.write_json(self.dir / f"r{self.rank}.json", {"done": self.done, "jobs_done": self.jobs_done}, indent=None)
         if self.bar:
             counts = []
             for r in range(self.world):

@@ -21,9 +21,11 @@ from pathlib import Path
 
 import yaml
 
+from icl_scale import atomic
 from icl_scale import config as C
-from icl_scale.capture.shards import atomic_save_file, atomic_write_text, read_manifests
+from icl_scale.capture.shards import read_manifests
 from icl_scale.errors import UserError
+from icl_scale.settings import SETTINGS
 
 
 def job_dir(run_dir: Path, task: str, setting: str, seed: int) -> Path:
@@ -51,11 +53,9 @@ def check_config(cfg: C.RunConfig, run_dir: Path) -> str:
 def check_or_save_config(cfg: C.RunConfig, run_dir: Path) -> str:
     """Save the resolved config after `check_config`."""
     h = check_config(cfg, run_dir)
-    path = run_dir / "config.json"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(C.to_dict(cfg), sort_keys=False))
-    atomic_write_text(path, json.dumps({"config_hash": h, "config": C.to_dict(cfg),
-                                        "result_fields": C.result_dict(cfg)}, indent=1))
+    atomic.write_text(run_dir / "config.yaml", yaml.safe_dump(C.to_dict(cfg), sort_keys=False))
+    atomic.write_json(run_dir / "config.json", {"config_hash": h, "config": C.to_dict(cfg),
+                                                "result_fields": C.result_dict(cfg)})
     return h
 
 
@@ -66,10 +66,18 @@ def load_run(run_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def read_config(run_dir: Path) -> tuple[C.RunConfig, str]:
+    """The run's resolved config, typed again, and its hash."""
+    run = load_run(run_dir)
+    return C.build(run["config"], source=str(run_dir / "config.json")), run["config_hash"]
+
+
 def write_job_meta(run_dir: Path, task: str, seed: int, meta: dict) -> None:
-    p = job_meta_path(run_dir, task, seed)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(p, json.dumps(meta, indent=1))
+    atomic.write_json(job_meta_path(run_dir, task, seed), meta)
+
+
+def read_job_meta(run_dir: Path, task: str, seed: int) -> dict:
+    return json.loads(job_meta_path(run_dir, task, seed).read_text())
 
 
 def ft_log_path(run_dir: Path, task: str, setting: str, seed: int) -> Path:
@@ -80,9 +88,13 @@ def write_ft_log(run_dir: Path, task: str, setting: str, seed: int, log, config_
     """Per-step loss, per-layer gradient norms and skipped steps of one finetuning run."""
     import dataclasses
 
+    atomic.write_json(ft_log_path(run_dir, task, setting, seed), dataclasses.asdict(log) | {"config_hash": config_hash},
+                      indent=None)
+
+
+def read_ft_log(run_dir: Path, task: str, setting: str, seed: int) -> dict | None:
     p = ft_log_path(run_dir, task, setting, seed)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(p, json.dumps(dataclasses.asdict(log) | {"config_hash": config_hash}))
+    return json.loads(p.read_text()) if p.is_file() else None
 
 
 def ft_weights_path(run_dir: Path, task: str, setting: str, seed: int) -> Path:
@@ -91,11 +103,9 @@ def ft_weights_path(run_dir: Path, task: str, setting: str, seed: int) -> Path:
 
 def write_ft_weights(run_dir: Path, task: str, setting: str, seed: int, trained, weights, config_hash: str) -> None:
     """The trained parameters after finetuning (δ for the linearized model), fp32, by name."""
-    tensors = {t.name: w.detach().float().cpu().contiguous() for t, w in zip(trained, weights)}
-    p = ft_weights_path(run_dir, task, setting, seed)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save_file(tensors, p, {"config_hash": config_hash, "setting": setting,
-                                  "holds": "delta" if setting == "ft_lin" else "weights"})
+    arrays = {t.name: w.detach().float().cpu().contiguous().numpy() for t, w in zip(trained, weights)}
+    atomic.save_safetensors(ft_weights_path(run_dir, task, setting, seed), arrays,
+                            {"config_hash": config_hash, "setting": setting, "holds": SETTINGS[setting].stores})
 
 
 def remove_orphans(run_dir: Path) -> list[Path]:
@@ -117,7 +127,8 @@ def remove_orphans(run_dir: Path) -> list[Path]:
 PACKAGES = ("torch", "transformers", "accelerate", "deepspeed", "datasets", "safetensors", "numpy", "rich")
 
 
-def write_invocation(run_dir: Path, clock, state, ds_config: dict | None, finished: bool) -> None:
+def write_invocation(run_dir: Path, clock, state, ds_config: dict | None, finished: bool,
+                     peak_gpu_mib: float | None = None) -> None:
     """What ran this launch and how long each phase took (rewritten at the end of the launch)."""
     import platform
     import time
@@ -130,19 +141,10 @@ def write_invocation(run_dir: Path, clock, state, ds_config: dict | None, finish
         except PackageNotFoundError:
             versions[name] = None
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(clock.started))
-    p = run_dir / "invocations" / f"{stamp}.json"
-    p.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(p, json.dumps({
+    atomic.write_json(run_dir / "invocations" / f"{stamp}.json", {
         "started": stamp, "finished": finished, "world_size": state.num_processes, "device": str(state.device),
         "packages": versions, "deepspeed": ds_config, "phases_s": {k: round(v, 3) for k, v in clock.phases.items()},
-        "wall_s": round(time.time() - clock.started, 3), "peak_gpu_mib": _peak_gpu_mib(state)}, indent=1))
-
-
-def _peak_gpu_mib(state) -> float | None:
-    """This rank's peak allocated GPU memory (None on CPU)."""
-    import torch
-
-    return round(torch.cuda.max_memory_allocated(state.device) / 2**20, 1) if state.device.type == "cuda" else None
+        "wall_s": round(time.time() - clock.started, 3), "peak_gpu_mib": peak_gpu_mib})
 
 
 def read_invocations(run_dir: Path) -> list[dict]:
@@ -160,12 +162,10 @@ def write_failure(run_dir: Path, task: str, setting: str, seed: int, rank: int, 
 
     from icl_scale.errors import first_line
 
-    p = failure_path(run_dir, task, setting, seed, rank)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(p, json.dumps({"task": task, "setting": setting, "seed": seed, "rank": rank,
-                                     "error": f"{type(error).__name__}: {first_line(error)}",
-                                     "traceback": traceback.format_exception(error)[-6:],
-                                     "config_hash": config_hash}, indent=1))
+    atomic.write_json(failure_path(run_dir, task, setting, seed, rank), {
+        "task": task, "setting": setting, "seed": seed, "rank": rank,
+        "error": f"{type(error).__name__}: {first_line(error)}", "traceback": traceback.format_exception(error)[-6:],
+        "config_hash": config_hash})
 
 
 def clear_failure(run_dir: Path, task: str, setting: str, seed: int, rank: int) -> None:

@@ -1,0 +1,77 @@
+"""Planning: every rank builds the same jobs (data, eval sets, prompts) and the same schedule
+before anything is written, so bad input fails here, and the work never depends on timing.
+
+A job is one task × seed: its eval rows, the prompt each setting scores after (settings.py), the
+finetuning data in order and the learning rate. The schedule says which rank runs which
+(job, setting): every rank its share of the eval set, or one rank a whole job (`whole`: plain
+PyTorch finetuning, which cannot be split, goes round robin).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from icl_scale import config as C
+from icl_scale.prompts import Encoder, Prompt, fit_prompt, zsl_prompt
+from icl_scale.settings import SETTINGS
+from icl_scale.tasks import get_task
+from icl_scale.tasks.sources import load_source
+from icl_scale.tasks.split import split_task
+
+
+@dataclass
+class Job:
+    """One task × seed: its eval rows and the prompt of each setting."""
+    task: str
+    seed: int
+    enc: Encoder
+    eval_rows: list[dict]
+    prompts: dict[str, Prompt]     # per setting: the prompt it scores after
+    ft_rows: list[dict]            # finetuning data, in order
+    lr: float
+    meta: dict
+
+    def ft_sequences(self) -> list[list[int]]:
+        """One `<bos> input answer_gold` sequence per finetuning step."""
+        return [[self.enc.bos] + self.enc.demo_ids(r) for r in self.ft_rows]
+
+
+def plan(cfg: C.RunConfig, tok, model_max: int) -> list[Job]:
+    """Load every task's data and build every prompt; any bad input fails here, before writing."""
+    max_len = min(cfg.model.max_length, model_max)
+    jobs = []
+    for task in cfg.data.tasks:
+        spec = get_task(task)
+        source = C.source_for(cfg, task)
+        src = load_source(spec, source, cfg.data.data_dir, cfg.data.files_dir)
+        enc = Encoder(spec, tok)
+        for seed in cfg.data.seeds:
+            split = split_task(spec, src, seed, cfg.data.k, cfg.data.eval_max, cfg.data.label_noise,
+                               cfg.data.label_noise_mode)
+            by_kind = {"icl": fit_prompt(enc, split.demos, split.eval_full, max_len), "zsl": zsl_prompt(enc)}
+            icl = by_kind["icl"]
+            ft_rows = split.demos[: icl.k_effective] if cfg.finetune.demos == "icl" else split.demos
+            lr = C.lr_for(cfg, task, spec.ft_lr)
+            meta = {"task": task, "seed": seed, "source": src.description, "eval_ids": [r["id"] for r in split.eval],
+                    "eval_size_full": len(split.eval_full), "eval_from_train": split.eval_from_train,
+                    "k_requested": icl.k_requested, "k_effective": icl.k_effective, "demo_ids": list(icl.demo_ids),
+                    "prefix_tokens": len(icl.prefix_ids), "max_length": max_len,
+                    "label_words": list(spec.label_words), "options": enc.options(),
+                    "ft_demo_ids": [r["id"] for r in ft_rows], "ft_lr": lr,
+                    "corrupted_demo_ids": [r["id"] for r in split.demos if r.get("corrupted")]}
+            prompts = {s: by_kind[SETTINGS[s].prompt] for s in cfg.eval.methods}
+            jobs.append(Job(task, seed, enc, split.eval, prompts, ft_rows, lr, meta))
+    return jobs
+
+
+def schedule(jobs: list[Job], world_size: int, whole_ft_jobs: bool) -> list[tuple[Job, str, int | None]]:
+    """(job, setting, owner) in run order; owner None: every rank scores its share. With
+    `whole_ft_jobs`, each finetuning job goes whole to one rank, round robin."""
+    out, n_ft = [], 0
+    for job in jobs:
+        for setting in job.prompts:
+            owner = None
+            if whole_ft_jobs and SETTINGS[setting].finetunes:
+                owner, n_ft = n_ft % world_size, n_ft + 1
+            out.append((job, setting, owner))
+    return out
