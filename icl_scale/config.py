@@ -67,7 +67,7 @@ class EvalConfig:
     methods: tuple[str, ...] = knob(("zsl", "icl"), "settings: zsl, icl, and the finetuned model evaluated "
                                     "zero-shot after standard (ft), layer-causal (ft_lc), layer-causal with its own "
                                     "clipping (ft_lc_clip: finetune.lc_clip) or linearized (ft_lin) FT",
-                                    choices=tuple(SETTINGS))
+                                    choices=SETTINGS)   # the live registry: an entry added there is a choice
     record_position: str = knob("prediction", "where activations are recorded: the position that "
                                 "predicts the answer, or the first answer token (the reference's choice)",
                                 choices=("prediction", "answer"))

@@ -38,12 +38,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("ft_lc_clip", "layer-causal FT (clipped)", "zsl", loss="layer_causal", clip=("lc_clip", "lc_clip_value")),
     Setting("ft_lin", "linearized FT", "zsl", loss="linearized", stores="delta"),
 )}
-FT_SETTINGS = tuple(n for n, s in SETTINGS.items() if s.finetunes)
 CLIP_MODES = ("none", "global_l2", "layer_l2", "elem_linf")
-
-
-def setting(name: str) -> Setting:
-    return SETTINGS[name]
 
 
 def ft_settings(names) -> list[str]:

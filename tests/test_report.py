@@ -4,7 +4,10 @@ with one line naming the file while the previous report stays as it was."""
 
 import csv
 import json
+import os
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,3 +143,42 @@ def test_damaged_shards_fail_the_merge_naming_the_file(run, tmp_path, data_dir, 
     assert str(path) in lines[0] and message in lines[0], lines[0]
     assert {p.name: p.read_bytes() for p in (reports / "run").iterdir()} == before   # the old report stands
     assert sorted(p.name for p in reports.iterdir()) == ["run"]                      # no temporary left
+
+
+GOLDEN = Path(__file__).parent / "golden" / "report_layout.json"
+NUMBER = re.compile(r"-?\d+\.\d+(?:e-?\d+)?")
+
+
+def report_layout(text: str) -> list[dict]:
+    """Every table of a report.md up to its provenance: heading, header and rows, each row its first
+    cell and the numbers in the others (the provenance holds wall times and versions: headings only)."""
+    out, heading = [], None
+    body, provenance = text.split("## Provenance")
+    for line in body.splitlines():
+        if line.startswith("#"):
+            heading = line
+        elif line.startswith("|---"):
+            continue
+        elif line.startswith("| "):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not out or out[-1]["heading"] != heading:
+                out.append({"heading": heading, "header": cells, "rows": []})
+            else:
+                out[-1]["rows"].append([cells[0], [float(x) for c in cells[1:] for x in NUMBER.findall(c)]])
+    return out + [{"heading": line} for line in provenance.splitlines() if line.startswith("#")]
+
+
+def test_report_layout_matches_golden(run):
+    """Tables, their order, headers and row names as committed; numbers within a tolerance (the
+    tiny model's float rounding may differ between CPUs). ICL_SCALE_UPDATE_GOLDEN=1 rewrites it."""
+    got = report_layout((run / "reports/run/report.md").read_text())
+    if os.environ.get("ICL_SCALE_UPDATE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(got, indent=1, ensure_ascii=False) + "\n")
+    want = json.loads(GOLDEN.read_text())
+    assert [t["heading"] for t in got] == [t["heading"] for t in want]
+    for g, w in zip(got, want):
+        assert g.get("header") == w.get("header"), g["heading"]
+        assert [r[0] for r in g.get("rows", [])] == [r[0] for r in w.get("rows", [])], g["heading"]
+        for (name, a), (_, b) in zip(g.get("rows", []), w.get("rows", [])):
+            assert a == pytest.approx(b, abs=2e-3), f"{g['heading']}: {name}"

@@ -37,5 +37,6 @@ REFERENCE: dict[str, dict[str, float]] = {
 }
 
 
-def reference(key: str, task: str) -> float | None:
-    return REFERENCE.get(key, {}).get(task)
+def reference(key, task: str) -> float | None:
+    """The papers' figure of a report key (report/keys.py) on a task, if they have it."""
+    return REFERENCE.get(str(key), {}).get(task)

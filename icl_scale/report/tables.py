@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from icl_scale.report.keys import RPA_LABELS, Key
-from icl_scale.report.reference import reference
+from icl_scale.report.reference import MODEL as REFERENCE_MODEL, reference
 from icl_scale.settings import SETTINGS
 
 
@@ -38,7 +38,7 @@ def cell(task_results: dict, key: Key, task: str, compare: bool) -> str:
         if failed:
             text += " (seed " + ", ".join(map(str, failed)) + " failed)"
     if compare:
-        text += f" ({fmt(reference(str(key), task))})"
+        text += f" ({fmt(reference(key, task))})"
     return text
 
 
@@ -73,7 +73,7 @@ def metric_table(results: dict, title: str, keys: list[Key], caption: str, compa
     rows = [[k.label] + [cell(results["tasks"][t], k, t, compare) for t in tasks] + [fmt(task_average(results, k))]
             for k in keys]
     if compare:
-        caption += " In parentheses: the paper's figure (GPT 1.3B), – where it has none."
+        caption += f" In parentheses: the paper's figure ({REFERENCE_MODEL}), – where it has none."
     return Table(title, ["metric"] + tasks + ["average"], rows, caption, keys)
 
 
@@ -107,6 +107,15 @@ def paper_tables(results: dict, compare: bool = False) -> list[Table]:
             [Key("simaou", "random_uniform"), Key("simaou", "ft"), Key("simaou", "ft_lin"), Key("simam", "zsl"),
              Key("simam", "ft"), Key("simam", "ft_lin"), Key("simam_delta", "ft_lin")],
             "f_lin = f(θ0) + J·δ, evaluated through its dual pass; every task." + spread, compare))
+    out = [t for t in out if t is not None]
+    shown = {k.of for t in out for k in t.keys if k.metric == "simaou"}
+    for f in ft:   # a setting the papers' tables do not have: a table of its own
+        if f not in shown:
+            out.append(metric_table(
+                results, f"SimAOU and SimAM: {SETTINGS[f].label}",
+                [Key("simaou", "random_uniform"), Key("simaou", f), Key("simam", "zsl"), Key("simam", f),
+                 Key("simam_delta", f)],
+                "Means over examples and layers." + spread, compare))
     return [t for t in out if t is not None]
 
 
