@@ -101,6 +101,9 @@ class OutputConfig:
     run_dir: str = knob("runs/default", "run directory (config, shards, logs)", result=False)
     report_dir: str = knob("reports", "where <run>.md is written", result=False)
     shard_mb: float = knob(16.0, "flush a shard once its records reach this many MiB", result=False)
+    record_dtype: str = knob("float32", "dtype of the recorded attention outputs and scores: float32, or float16 "
+                             "(half the shard size, but it rounds away FT updates below ~1e-3 of ‖h‖)",
+                             choices=("float32", "float16"))
     save_ft_weights: bool = knob(False, "save the trained parameters after each finetuning job (δ for linearized "
                                  "FT) to ft/<task>/<setting>/seed<s>.safetensors", result=False)
 

@@ -55,7 +55,8 @@ def run_setting(cfg, model, trained: list[Trained], job: Job, setting: str, run_
     todo = [r for r in share if r["id"] not in done]
     steps = dist.all_max(state, len(todo)) if backend.lockstep else len(todo)
     writer = ShardWriter(jd, {"config_hash": h, "task": job.task, "setting": setting, "seed": job.seed},
-                         state.process_index, state.num_processes, int(cfg.output.shard_mb * 2**20))
+                         state.process_index, state.num_processes, int(cfg.output.shard_mb * 2**20),
+                         cfg.output.record_dtype)
     progress.start(f"{job.task}/{setting} seed {job.seed}", total=len(share), done=len(share) - len(todo))
     filler = (share or job.eval_rows)[0]
     if steps:

@@ -135,3 +135,85 @@ def test_mean_std_and_bootstrap():
     assert lo < 0.5 < hi and 0.07 < hi - lo < 0.13
     assert M.bootstrap_ci([(hits,)], lambda a: float(a[0].mean()), seed=3) == \
         M.bootstrap_ci([(hits,)], lambda a: float(a[0].mean()), seed=3)
+
+
+# ---- what SimAOU is made of, and the robust SimAM ---------------------------------------------
+
+def test_change_recall_is_the_reference_formula():
+    zsl = np.array([0, 0, 0, 0, 0])
+    icl = np.array([1, 2, 0, 1, 0])   # changed: 0, 1, 3
+    ft = np.array([1, 1, 1, 0, 0])    # changed: 0, 1, 2; the same new label: example 0 only
+    same, n_icl, n_ft = 1, 3, 3
+    assert M.rpa(zsl, icl, ft, zsl)["change_recall"] == pytest.approx(same / (n_icl + n_ft - same))
+    assert M.rpa(zsl, icl, ft, zsl)["same_label"] == pytest.approx(1 / 4)   # over the union of 4
+
+
+def test_unrelated_updates_give_simaou_at_the_floor_and_no_excess():
+    """Two updates that share only their way off ĥ_ZSL: SimAOU ≈ √((1−a)(1−b))/2 ≈ shuffled pairs.
+    (Shuffled pairs carry the floor through the direction ĥ_ZSL shares across examples, as a
+    language model's attention outputs do: here one direction plus a little noise.)"""
+    rng = np.random.default_rng(0)
+    n, d = 400, 512
+    z = rng.standard_normal((1, 1, d)) + 0.05 * rng.standard_normal((n, 1, d))
+    i = 0.3 * z + rng.standard_normal((n, 1, d)) * np.linalg.norm(z, axis=-1, keepdims=True) / d ** .5
+    f = 0.3 * z + rng.standard_normal((n, 1, d)) * np.linalg.norm(z, axis=-1, keepdims=True) / d ** .5
+    parts = M.simaou_parts(z, i, f)
+    perm = M.derangement(n, np.random.default_rng(1))
+    pairs = M.simaou_pairs(z, i, z[perm], f[perm])
+    assert parts["simaou"].mean() == pytest.approx(parts["floor"].mean(), abs=0.02)
+    assert parts["simaou"].mean() - pairs["shuffled"].mean() == pytest.approx(0, abs=0.02)
+    assert abs(parts["orth"].mean()) < 0.02
+    # a = cos(h_ICL, h_ZSL) written out
+    zz, ii = z[:, 0], i[:, 0]
+    assert parts["a"][:, 0] == pytest.approx((zz * ii).sum(1) / np.linalg.norm(zz, axis=1) / np.linalg.norm(ii, axis=1))
+
+
+def test_identical_updates_give_orthogonal_simaou_one():
+    rng = np.random.default_rng(2)
+    z, i = rng.standard_normal((5, 3, 16)), rng.standard_normal((5, 3, 16))
+    parts = M.simaou_parts(z, i, 2.5 * i)   # the same direction: ĥ_FT = ĥ_ICL
+    assert parts["orth"] == pytest.approx(np.ones((5, 3)))
+    assert parts["simaou"] == pytest.approx(np.ones((5, 3)))
+
+
+def test_derangement_has_no_fixed_point():
+    for n in (2, 3, 10, 101):
+        p = M.derangement(n, np.random.default_rng(n))
+        assert sorted(p) == list(range(n)) and not (p == np.arange(n)).any()
+    assert M.derangement(1, np.random.default_rng(0)).tolist() == [-1]
+
+
+def test_an_offset_shared_across_keys_moves_plain_simam_only():
+    rng = np.random.default_rng(3)
+    a = [rng.standard_normal((2, 4, 7)) for _ in range(3)]   # [L, H, n] per example
+    b = [x + rng.standard_normal(x.shape) * 0.3 for x in a]
+    shifted = [x + rng.standard_normal((2, 4, 1)) * 5 for x in b]   # a constant per head
+    for variant in ("centred", "softmax"):
+        assert M.simam(a, shifted, variant) == pytest.approx(M.simam(a, b, variant), abs=1e-12)
+    assert not np.allclose(M.simam(a, shifted), M.simam(a, b))
+
+
+def test_robust_simam_against_loops_and_a_zero_head_drops_only_that_head():
+    rng = np.random.default_rng(4)
+    z, i, f = ([rng.standard_normal((2, 3, 5)) for _ in range(2)] for _ in range(3))
+    f[0][1, 2] = z[0][1, 2]   # example 0, layer 1, head 2: FT left this head's scores exactly as ZSL's
+
+    def maps(m, variant):
+        if variant == "centred":
+            return m - m.mean()
+        if variant == "softmax":
+            return np.exp(m) / np.exp(m).sum()
+        return m
+
+    for variant in ("plain", "centred", "softmax"):
+        got = M.simam_delta(z, i, f, variant)
+        for e in range(2):
+            for layer in range(2):
+                cos = []
+                for h in range(3):
+                    x = maps(i[e][layer, h], variant) - maps(z[e][layer, h], variant)
+                    y = maps(f[e][layer, h], variant) - maps(z[e][layer, h], variant)
+                    if np.linalg.norm(x) > 0 and np.linalg.norm(y) > 0:
+                        cos.append(x @ y / np.linalg.norm(x) / np.linalg.norm(y))
+                assert got[e, layer] == pytest.approx(np.mean(cos), abs=1e-12)
+                assert len(cos) == (2 if (e, layer) == (0, 1) else 3)

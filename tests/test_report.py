@@ -182,3 +182,79 @@ def test_report_layout_matches_golden(run):
         assert [r[0] for r in g.get("rows", [])] == [r[0] for r in w.get("rows", [])], g["heading"]
         for (name, a), (_, b) in zip(g.get("rows", []), w.get("rows", [])):
             assert a == pytest.approx(b, abs=2e-3), f"{g['heading']}: {name}"
+
+
+def test_simaou_parts_and_robust_simam_from_the_records(run):
+    """a, b, the floor, the orthogonal part, shuffled pairs and their excess, ChangeRecall and the
+    centred / post-softmax SimAM with zero heads left out, recomputed from the merged records."""
+    from icl_scale.report.analysis import shuffled_partners
+
+    results = json.loads((run / "reports/run/results.json").read_text())
+    records = run_records(run / "run")
+
+    def cos(x, y):
+        nx, ny = np.linalg.norm(x), np.linalg.norm(y)
+        return np.nan if nx == 0 or ny == 0 else float(x @ y / nx / ny)
+
+    def maps(m, variant):
+        m = m.astype(np.float64)
+        if variant == "centred":
+            return m - m.mean(-1, keepdims=True)
+        if variant == "softmax":
+            e = np.exp(m - m.max(-1, keepdims=True))
+            return e / e.sum(-1, keepdims=True)
+        return m
+
+    def mean(values):
+        values = [v for v in values if not np.isnan(v)]
+        return np.mean(values) if values else np.nan
+
+    def figure(seed_results, key):   # null in results.json: undefined
+        value = seed_results["similarity"][key]
+        return np.nan if value is None else value
+
+    for task in TASKS:
+        for seed in (1, 2):
+            got = results["tasks"][task]["seeds"][str(seed)]
+            rec = {s: records[task, s, seed] for s in ("zsl", "icl", "ft", "ft_lc", "ft_lin")}
+            ids = rec["zsl"]["ids"].tolist()
+            partner = shuffled_partners(task, seed, ids)
+            assert sorted(partner.values()) == ids and all(partner[i] != i for i in ids)
+            at = {i: k for k, i in enumerate(ids)}
+            unit = {s: r["attn_out"].astype(np.float64) / np.linalg.norm(r["attn_out"].astype(np.float64), axis=-1,
+                                                                          keepdims=True) for s, r in rec.items()}
+            z, i_ = unit["zsl"], unit["icl"]
+            for f in ("ft", "ft_lc", "ft_lin"):
+                d_icl, d_ft = rec["icl"]["pred"] != rec["zsl"]["pred"], rec[f]["pred"] != rec["zsl"]["pred"]
+                same = int((d_icl & d_ft & (rec["icl"]["pred"] == rec[f]["pred"])).sum())
+                den = int(d_icl.sum() + d_ft.sum()) - same
+                want_cr = same / den if den else None
+                assert got["rpa"][f]["change_recall"] == pytest.approx(want_cr, nan_ok=True)
+                v = unit[f]
+                figs = {k: [] for k in ("a", "b", "floor", "orth", "shuffled", "excess")}
+                for e in range(len(ids)):
+                    j = at[partner[ids[e]]]
+                    for layer in range(z.shape[1]):
+                        zz, ii, ff = z[e, layer], i_[e, layer], v[e, layer]
+                        a, b = float(ii @ zz), float(ff @ zz)
+                        simaou = cos(ii - zz, ff - zz)
+                        shuffled = cos(ii - zz, v[j, layer] - z[j, layer])
+                        figs["a"].append(a)
+                        figs["b"].append(b)
+                        figs["floor"].append(np.sqrt(max((1 - a) * (1 - b), 0)) / 2)
+                        u, w = ii - zz, ff - zz   # the updates, then their parts orthogonal to ĥ_ZSL
+                        figs["orth"].append(cos(u - (u @ zz) * zz, w - (w @ zz) * zz))
+                        figs["shuffled"].append(shuffled)
+                        figs["excess"].append(simaou - shuffled)
+                keys = {"a": "cos_zsl/icl", "b": f"cos_zsl/{f}", "floor": f"simaou/{f}/floor",
+                        "orth": f"simaou/{f}/orth", "shuffled": f"simaou/{f}/shuffled", "excess": f"simaou/{f}/excess"}
+                for name, key in keys.items():
+                    assert figure(got, key) == pytest.approx(mean(figs[name]), abs=1e-9, nan_ok=True), key
+                for variant, suffix in (("centred", "/centred"), ("softmax", "/softmax")):
+                    per = []
+                    for mz, mi, mf in zip(rec["zsl"]["scores"], rec["icl"]["scores"], rec[f]["scores"]):
+                        for layer in range(mz.shape[0]):
+                            zm, im, fm = (maps(m[layer], variant) for m in (mz, mi, mf))
+                            per.append(mean([cos(im[h] - zm[h], fm[h] - zm[h]) for h in range(zm.shape[0])]))
+                    key = f"simam_delta/{f}{suffix}"
+                    assert figure(got, key) == pytest.approx(mean(per), abs=1e-9, nan_ok=True), key

@@ -101,7 +101,7 @@ def test_values_beyond_float16_are_kept_not_inf(tmp_path):
     big, small = record(1, 3), record(2, 3)
     big["attn_out"] = big["attn_out"] * 1e6
     big["scores"] = big["scores"] * 1e9
-    w = ShardWriter(jd, META, rank=0, world_size=1, max_bytes=1 << 20)
+    w = ShardWriter(jd, META, rank=0, world_size=1, max_bytes=1 << 20, record_dtype="float16")
     for r in (big, small):
         w.add(r)
     w.close()
@@ -112,8 +112,22 @@ def test_values_beyond_float16_are_kept_not_inf(tmp_path):
     np.testing.assert_allclose(merged["attn_out"][1], small["attn_out"].numpy(), atol=1e-2)
     # records within float16's range are still stored at half width
     jd2 = tmp_path / "job2"
-    w = ShardWriter(jd2, META, rank=0, world_size=1, max_bytes=1 << 20)
+    w = ShardWriter(jd2, META, rank=0, world_size=1, max_bytes=1 << 20, record_dtype="float16")
     w.add(record(3, 3))
     w.close()
     (path, _), = verified_shards(jd2, "abc")
     assert read_shard(path, ("attn_out",))["attn_out"].dtype == np.float16
+
+
+def test_records_are_float32_by_default(tmp_path):
+    """Full precision unless asked otherwise: float16 would round away small FT updates."""
+    jd = tmp_path / "job"
+    w = ShardWriter(jd, META, rank=0, world_size=1, max_bytes=1 << 20)
+    rec = record(4, 3)
+    w.add(rec)
+    w.close()
+    (path, _), = verified_shards(jd, "abc")
+    got = read_shard(path, ("attn_out", "scores"))
+    assert got["attn_out"].dtype == np.float32 and got["scores"].dtype == np.float32
+    np.testing.assert_array_equal(got["attn_out"][0], rec["attn_out"].numpy())
+    np.testing.assert_array_equal(got["scores"], rec["scores"].numpy().reshape(-1))

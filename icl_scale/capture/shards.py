@@ -6,8 +6,9 @@ A job dir (one task × setting × seed) holds, per rank:
                                     rewritten (atomically) after every shard
 Shard tensors (N records, L layers, H heads, d model width):
     ids int64 [N], gold int64 [N], pred int64 [N], option_scores float32 [N, n_options],
-    attn_out float16 [N, L, d], scores float16 [sum of L·H·n_i], n_keys int64 [N]
-    (float32 where a value is beyond float16's range, as a diverged finetuning gives: kept, not inf)
+    attn_out [N, L, d], scores [sum of L·H·n_i], n_keys int64 [N]; attn_out and scores in the
+    run's record dtype, float32 by default (float16: float32 where a value is beyond its range, as
+    a diverged finetuning gives: kept, not inf)
 and header metadata: schema, config hash, task, setting, seed, rank, world size, L, H.
 safetensors files cannot be appended to, so records are buffered up to a byte bound and each
 flush is a new file: a killed run loses at most the shard in progress.
@@ -27,11 +28,11 @@ SCHEMA = 1
 FP16_MAX = float(np.finfo(np.float16).max)
 
 
-def stored(x) -> np.ndarray:
-    """A record's array as stored: float16 halves the shards; one with a value beyond its range
-    stays float32. Takes numpy arrays or CPU tensors."""
+def stored(x, dtype: str = "float16") -> np.ndarray:
+    """A record's array as stored: float32, or float16 (half the size) unless a value is beyond its
+    range. Takes numpy arrays or CPU tensors."""
     x = np.asarray(x, dtype=np.float32)
-    return x if bool((np.abs(x) > FP16_MAX).any()) else x.astype(np.float16)
+    return x if dtype == "float32" or bool((np.abs(x) > FP16_MAX).any()) else x.astype(np.float16)
 
 
 def stacked(parts: list[np.ndarray], cat: bool = False) -> np.ndarray:
@@ -65,8 +66,10 @@ def done_ids(job_dir: Path, config_hash: str) -> set[int]:
 
 
 class ShardWriter:
-    def __init__(self, job_dir: Path, meta: dict, rank: int, world_size: int, max_bytes: int):
+    def __init__(self, job_dir: Path, meta: dict, rank: int, world_size: int, max_bytes: int,
+                 record_dtype: str = "float32"):
         self.dir, self.rank, self.world_size, self.max_bytes = job_dir, rank, world_size, max_bytes
+        self.record_dtype = record_dtype
         self.meta = {k: str(v) for k, v in meta.items()} | {"schema": str(SCHEMA), "rank": str(rank),
                                                             "world_size": str(world_size)}
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -89,7 +92,7 @@ class ShardWriter:
         rec = dict(rec)
         for key in ("attn_out", "scores"):  # buffered as stored, numpy
             if rec.get(key) is not None:
-                rec[key] = stored(rec[key])
+                rec[key] = stored(rec[key], self.record_dtype)
         self.buf.append(rec)
         self.nbytes += 64 + sum(t.nbytes for t in (rec.get("attn_out"), rec.get("scores")) if t is not None)
         if self.nbytes >= self.max_bytes:

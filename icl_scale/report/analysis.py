@@ -27,7 +27,8 @@ from icl_scale.report.merge import JobRecords
 from icl_scale.runtime import rundir
 from icl_scale.settings import ft_settings
 
-RANDOM_KINDS = ("uniform", "gaussian")
+RANDOM_KINDS = ("uniform", "gaussian", "state")   # state: a random h in place of h_FT (the papers' text)
+SHUFFLE_STREAM = len(RANDOM_KINDS)
 BOOTSTRAP = 1000
 
 
@@ -35,32 +36,72 @@ def random_update(task: str, seed: int, example_id: int, kind: str, shape: tuple
     """The random baseline's vector for one example: seeded by (task, seed, id, kind), so it does
     not depend on how the examples were spread over ranks or shards."""
     rng = np.random.default_rng([zlib.crc32(task.encode()), seed, example_id, RANDOM_KINDS.index(kind)])
-    return M.random_updates(shape, kind, rng)
+    return M.random_updates(shape, "gaussian" if kind == "state" else kind, rng)
 
 
-def similarities(recs: dict[str, JobRecords], ft: list[str], task: str, seed: int) -> dict[Key, np.ndarray]:
-    """Every similarity result of one job, [examples sorted by id, layers]."""
+def shuffled_partners(task: str, seed: int, ids: list[int]) -> dict[int, int]:
+    """{example id: the id whose FT update it is paired with}, a seeded derangement of the job's
+    examples (sorted by id, so it does not depend on ranks or shards); empty below two examples."""
+    perm = M.derangement(len(ids), np.random.default_rng([zlib.crc32(task.encode()), seed, SHUFFLE_STREAM]))
+    return {i: ids[int(p)] for i, p in zip(ids, perm) if p >= 0}
+
+
+def _map_figures(m_z, m_i, data, ft, heads: dict) -> dict[Key, np.ndarray]:
+    """SimAM before FT, after each FT setting and Δ, plain, centred and post-softmax; counts the
+    heads left out of each head mean into `heads`."""
+    vals = {}
+    for variant in M.MAP_VARIANTS:
+        v = "" if variant == "plain" else variant
+        pairs = [(Key("simam", "zsl", v), m_i, m_z, None)]
+        for f in ft:
+            pairs += [(Key("simam", f, v), m_i, data[f][1], None), (Key("simam_delta", f, v), m_i, data[f][1], m_z)]
+        for key, a, b, z in pairs:
+            cos = M.map_cosines(a, b, z, variant)
+            k, n = heads.get(key, (0, 0))
+            heads[key] = (k + int(np.isnan(cos).sum()), n + cos.size)
+            vals[key] = M.head_mean(cos)
+    return vals
+
+
+def similarities(recs: dict[str, JobRecords], ft: list[str], task: str, seed: int) -> tuple[dict, dict]:
+    """Every similarity result of one job, [examples sorted by id, layers]; and per SimAM figure
+    (heads left out, heads)."""
     ids = recs["zsl"].ids
     row = {i: k for k, i in enumerate(ids)}
+    partner = shuffled_partners(task, seed, ids)
     out: dict[Key, np.ndarray] = {}
+    heads: dict[Key, tuple[int, int]] = {}
     for chunk in recs["zsl"].chunks():
         data = {s: r.large(chunk) for s, r in recs.items()}
         (h_z, m_z), (h_i, m_i) = data["zsl"], data["icl"]
-        vals = {Key("simam", "zsl"): M.simam(m_i, m_z)}
+        vals = _map_figures(m_z, m_i, data, ft, heads)
         for kind in RANDOM_KINDS:
             r = np.stack([random_update(task, seed, i, kind, h_z.shape[1:]) for i in chunk])
-            vals[Key("simaou", f"random_{kind}")] = M.simaou_random(h_z, h_i, r)
+            vals[Key("simaou", f"random_{kind}")] = (M.simaou_random_state(h_z, h_i, r) if kind == "state"
+                                                     else M.simaou_random(h_z, h_i, r))
+        paired = [i for i in chunk if i in partner]
+        h_zj = recs["zsl"].large([partner[i] for i in paired])[0] if paired else None
         for f in ft:
-            h_f, m_f = data[f]
-            vals[Key("simaou", f)] = M.simaou(h_z, h_i, h_f)
-            vals[Key("simam", f)] = M.simam(m_i, m_f)
-            vals[Key("simam_delta", f)] = M.simam_delta(m_z, m_i, m_f)
+            parts = M.simaou_parts(h_z, h_i, data[f][0])
+            vals[Key("cos_zsl", "icl")], vals[Key("cos_zsl", f)] = parts["a"], parts["b"]
+            vals[Key("simaou", f)] = parts["simaou"]
+            vals[Key("simaou", f, "floor")], vals[Key("simaou", f, "orth")] = parts["floor"], parts["orth"]
+            shuffled = {k: np.full_like(parts["simaou"], np.nan) for k in ("shuffled", "orth_shuffled")}
+            if paired:
+                at = [chunk.index(i) for i in paired]
+                got = M.simaou_pairs(h_z[at], h_i[at], h_zj, recs[f].large([partner[i] for i in paired])[0])
+                for k in shuffled:
+                    shuffled[k][at] = got[k]
+            for k, v in shuffled.items():
+                vals[Key("simaou", f, k)] = v
+            vals[Key("simaou", f, "excess")] = parts["simaou"] - shuffled["shuffled"]
+            vals[Key("simaou", f, "orth_excess")] = parts["orth"] - shuffled["orth_shuffled"]
         at = [row[i] for i in chunk]
         for name, v in vals.items():
             if name not in out:
                 out[name] = np.full((len(ids), v.shape[1]), np.nan)
             out[name][at] = v
-    return out
+    return out, heads
 
 
 def analyze_job(run_dir: Path, h: str, task: str, seed: int, methods: list[str]) -> tuple[dict, dict]:
@@ -80,13 +121,14 @@ def analyze_job(run_dir: Path, h: str, task: str, seed: int, methods: list[str])
         res["rec2ftp"] = {f: M.rec2ftp(pred["zsl"], pred["icl"], pred[f], gold) for f in ft}
         res["rpa"] = {f: M.rpa(pred["zsl"], pred["icl"], pred[f], gold) for f in ft}
         if recs["zsl"].has_capture():
-            sims = similarities(recs, ft, task, seed)
+            sims, heads = similarities(recs, ft, task, seed)
             res["similarity"] = {name: float(M.nanmean(v)) for name, v in sims.items()}
             res["layers"] = {name: M.nanmean(v, axis=0).tolist() for name, v in sims.items()}
             examples |= {name: M.nanmean(v, axis=1) for name, v in sims.items()}
             # left out of the means above; the report says how many
             res["undefined"] = {name: [int(np.isnan(v).sum()), int(v.size)] for name, v in sims.items()
                                 if np.isnan(v).any()}
+            res["heads_left_out"] = {name: list(kn) for name, kn in heads.items() if kn[0]}
     logs = {f: rundir.read_ft_log(run_dir, task, f, seed) for f in ft}
     res["ft_logs"] = {f: log for f, log in logs.items() if log is not None}
     return res, examples

@@ -5,7 +5,10 @@ of the metric. Written out as `metric/of/variant` (metrics.csv, results.json), n
     Key("rec2ftp", "ft")                Rec2FTP of an FT setting
     Key("rpa", "ft", "same_label")      RPA of an FT setting, one of RPA_LABELS
     Key("simaou", "ft_lin")             SimAOU of an FT setting; of "random_uniform": a baseline
+    Key("simaou", "ft", "shuffled")     what SimAOU is made of, and its baselines (SIMAOU_PARTS)
+    Key("cos_zsl", "icl")               a = cos(h_ICL, h_ZSL); of an FT setting: b
     Key("simam", "zsl")                 SimAM before FT; of an FT setting: after it
+    Key("simam", "zsl", "centred")      the same on centred (or "softmax") scores
     Key("simam_delta", "ft")            SimAM_Δ of an FT setting
 """
 
@@ -15,9 +18,15 @@ from dataclasses import dataclass
 
 from icl_scale.settings import SETTINGS
 
-RANDOM_BASELINES = {"random_uniform": "Uniform[0,1)", "random_gaussian": "Gaussian"}
+RANDOM_BASELINES = {"random_uniform": "random, Uniform[0,1)", "random_gaussian": "random, Gaussian",
+                    "random_state": "random h in place of h_FT, the papers' text"}
 RPA_LABELS = {"all": "RPA", "correct": "RPA – changes to correct", "incorrect": "RPA – changes to incorrect",
-              "same_label": "RPA – same new label (reference's variant)"}
+              "same_label": "RPA – both to the same new label, over the union",
+              "change_recall": "ChangeRecall (the reference code's RPA)"}
+SIMAOU_PARTS = {"floor": "SimAOU floor √((1−a)(1−b))/2", "shuffled": "SimAOU, shuffled pairs",
+                "excess": "SimAOU excess over shuffled pairs", "orth": "SimAOU ⊥ ĥ_ZSL",
+                "orth_shuffled": "SimAOU ⊥ ĥ_ZSL, shuffled pairs", "orth_excess": "SimAOU ⊥ ĥ_ZSL excess over shuffled pairs"}
+MAP_LABELS = {"": "", "centred": ", centred", "softmax": ", post-softmax"}
 
 
 @dataclass(frozen=True)
@@ -39,11 +48,16 @@ class Key:
         if self.metric == "rpa":
             return f"{RPA_LABELS[self.variant]} ({of})"
         if self.metric == "simaou":
-            return f"SimAOU (random, {RANDOM_BASELINES[self.of]})" if self.of in RANDOM_BASELINES else f"SimAOU ({of})"
+            if self.of in RANDOM_BASELINES:
+                return f"SimAOU ({RANDOM_BASELINES[self.of]})"
+            return f"{SIMAOU_PARTS[self.variant]} ({of})" if self.variant else f"SimAOU ({of})"
+        if self.metric == "cos_zsl":
+            return f"cos(h_{of}, h_ZSL)" if self.of == "icl" else f"cos(h_FT, h_ZSL) ({of})"
         if self.metric == "simam":
-            return "SimAM (before FT)" if self.of == "zsl" else f"SimAM (after {of})"
+            when = "before FT" if self.of == "zsl" else f"after {of}"
+            return f"SimAM ({when}{MAP_LABELS[self.variant]})"
         if self.metric == "simam_delta":
-            return f"SimAM_Δ ({of})"
+            return f"SimAM_Δ ({of}{MAP_LABELS[self.variant]})"
         return str(self)
 
     @property

@@ -27,15 +27,18 @@ def rec2ftp(zsl: np.ndarray, icl: np.ndarray, ft: np.ndarray, gold: np.ndarray) 
 def rpa(zsl: np.ndarray, icl: np.ndarray, ft: np.ndarray, gold: np.ndarray) -> dict[str, float]:
     """Relative prediction alignment |D_ICL ∩ D_FT| / |D_ICL ∪ D_FT|, D_X the examples whose
     prediction X changed from ZSL; restricted to changes to the gold label (correct) and to a wrong
-    label (incorrect); and the reference code's variant, whose intersection counts an example only
-    when both changed it to the same label (same_label)."""
+    label (incorrect); over the union, those both changed to the same label (same_label); and the
+    reference code's ChangeRecall, same / (|D_ICL| + |D_FT| − same) with same = both changed to
+    the same label (change_recall)."""
     d_icl, d_ft = icl != zsl, ft != zsl
     out = {}
     for name, keep_icl, keep_ft in (("all", d_icl, d_ft),
                                     ("correct", d_icl & (icl == gold), d_ft & (ft == gold)),
                                     ("incorrect", d_icl & (icl != gold), d_ft & (ft != gold))):
         out[name] = _ratio(int((keep_icl & keep_ft).sum()), int((keep_icl | keep_ft).sum()))
-    out["same_label"] = _ratio(int((d_icl & d_ft & (icl == ft)).sum()), int((d_icl | d_ft).sum()))
+    same = int((d_icl & d_ft & (icl == ft)).sum())
+    out["same_label"] = _ratio(same, int((d_icl | d_ft).sum()))
+    out["change_recall"] = _ratio(same, int(d_icl.sum()) + int(d_ft.sum()) - same)
     return out
 
 
@@ -58,6 +61,44 @@ def simaou(h_zsl: np.ndarray, h_icl: np.ndarray, h_ft: np.ndarray) -> np.ndarray
     return cosine(_unit(h_icl.astype(np.float64)) - z, _unit(h_ft.astype(np.float64)) - z)
 
 
+def simaou_parts(h_zsl: np.ndarray, h_icl: np.ndarray, h_ft: np.ndarray) -> dict[str, np.ndarray]:
+    """SimAOU and what it is made of, per example and layer [N, L] (DESIGN.md §2.7.1):
+    a = cos(h_ICL, h_ZSL), b = cos(h_FT, h_ZSL); floor = √((1−a)(1−b))/2, what SimAOU is when the
+    updates share only their way off ĥ_ZSL; orth = the cosine of the updates' components
+    orthogonal to ĥ_ZSL (ĥ_ICL − a·ĥ_ZSL and ĥ_FT − b·ĥ_ZSL in exact arithmetic; taken from the
+    updates, so no update stays exactly zero, undefined)."""
+    z = _unit(h_zsl.astype(np.float64))
+    i, f = _unit(h_icl.astype(np.float64)), _unit(h_ft.astype(np.float64))
+    a, b = np.sum(i * z, axis=-1), np.sum(f * z, axis=-1)
+    return {"a": a, "b": b, "floor": np.sqrt(np.clip((1 - a) * (1 - b), 0, None)) / 2,
+            "simaou": cosine(i - z, f - z), "orth": cosine(_orthogonal(i - z, z), _orthogonal(f - z, z))}
+
+
+def _orthogonal(u: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """u's component orthogonal to the unit vector z; exactly zero where u is (no update)."""
+    return u - np.sum(u * z, axis=-1, keepdims=True) * z
+
+
+def simaou_pairs(h_zsl_i, h_icl_i, h_zsl_j, h_ft_j) -> dict[str, np.ndarray]:
+    """[N, L]: SimAOU (shuffled) and orthogonal SimAOU (orth_shuffled) between the ICL update of
+    example i and the FT update of another example j (row by row)."""
+    zi, zj = _unit(h_zsl_i.astype(np.float64)), _unit(h_zsl_j.astype(np.float64))
+    u, v = _unit(h_icl_i.astype(np.float64)) - zi, _unit(h_ft_j.astype(np.float64)) - zj
+    return {"shuffled": cosine(u, v), "orth_shuffled": cosine(_orthogonal(u, zi), _orthogonal(v, zj))}
+
+
+def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A random permutation with no fixed point (one cycle through all n, Sattolo's algorithm);
+    n < 2 has none: -1 there."""
+    if n < 2:
+        return np.full(n, -1)
+    p = np.arange(n)
+    for k in range(n - 1, 0, -1):
+        j = int(rng.integers(0, k))
+        p[k], p[j] = p[j], p[k]
+    return p
+
+
 def random_updates(shape: tuple, kind: str, rng: np.random.Generator) -> np.ndarray:
     """The random baseline's stand-in for the FT update: Uniform[0, 1) (the reference's) or a
     zero-mean Gaussian."""
@@ -73,18 +114,56 @@ def simaou_random(h_zsl: np.ndarray, h_icl: np.ndarray, r: np.ndarray) -> np.nda
     return cosine(_unit(h_icl.astype(np.float64)) - _unit(h_zsl.astype(np.float64)), r)
 
 
-def simam(m_a: list[np.ndarray], m_b: list[np.ndarray]) -> np.ndarray:
-    """Per example and layer [N, L]: mean over heads of cos(m_a, m_b) over the query tokens."""
-    return np.stack([cosine(a.astype(np.float64), b.astype(np.float64)).mean(axis=-1) for a, b in zip(m_a, m_b)])
+def simaou_random_state(h_zsl: np.ndarray, h_icl: np.ndarray, h_rand: np.ndarray) -> np.ndarray:
+    """[N, L]: the papers' text baseline, a random state in place of h_FT: cos(ĥ_ICL − ĥ_ZSL,
+    ĥ_rand − ĥ_ZSL)."""
+    z = _unit(h_zsl.astype(np.float64))
+    return cosine(_unit(h_icl.astype(np.float64)) - z, _unit(h_rand.astype(np.float64)) - z)
 
 
-def simam_delta(m_zsl: list[np.ndarray], m_icl: list[np.ndarray], m_ft: list[np.ndarray]) -> np.ndarray:
-    """[N, L]: mean over heads of cos(m_ICL − m_ZSL, m_FT − m_ZSL)."""
+MAP_VARIANTS = ("plain", "centred", "softmax")
+
+
+def attention_map(m: np.ndarray, variant: str) -> np.ndarray:
+    """Scores [.., H, n] as compared: plain (pre-softmax), centred (minus each head's mean over the
+    query tokens, which softmax ignores) or softmax (the attention over the query tokens)."""
+    m = m.astype(np.float64)
+    if variant == "centred":
+        return m - m.mean(axis=-1, keepdims=True)
+    if variant == "softmax":
+        e = np.exp(m - m.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+    return m
+
+
+def map_cosines(m_a: list[np.ndarray], m_b: list[np.ndarray], m_zsl: list[np.ndarray] | None = None,
+                variant: str = "plain") -> np.ndarray:
+    """Per example, layer and head [N, L, H]: cos(m_a, m_b) over the query tokens, or with m_zsl
+    cos(m_a − m_zsl, m_b − m_zsl); NaN where a side is zero (a head whose scores did not move)."""
     out = []
-    for z, i, f in zip(m_zsl, m_icl, m_ft):
-        z = z.astype(np.float64)
-        out.append(cosine(i.astype(np.float64) - z, f.astype(np.float64) - z).mean(axis=-1))
+    for k, (a, b) in enumerate(zip(m_a, m_b)):
+        a, b = attention_map(a, variant), attention_map(b, variant)
+        if m_zsl is not None:
+            z = attention_map(m_zsl[k], variant)
+            a, b = a - z, b - z
+        out.append(cosine(a, b))
     return np.stack(out)
+
+
+def head_mean(cos: np.ndarray) -> np.ndarray:
+    """[N, L, H] -> [N, L]: mean over heads, leaving out a head whose cosine is undefined."""
+    return nanmean(cos, axis=-1)
+
+
+def simam(m_a: list[np.ndarray], m_b: list[np.ndarray], variant: str = "plain") -> np.ndarray:
+    """Per example and layer [N, L]: mean over heads of cos(m_a, m_b) over the query tokens."""
+    return head_mean(map_cosines(m_a, m_b, None, variant))
+
+
+def simam_delta(m_zsl: list[np.ndarray], m_icl: list[np.ndarray], m_ft: list[np.ndarray],
+                variant: str = "plain") -> np.ndarray:
+    """[N, L]: mean over heads of cos(m_ICL − m_ZSL, m_FT − m_ZSL)."""
+    return head_mean(map_cosines(m_icl, m_ft, m_zsl, variant))
 
 
 def nanmean(x, axis=None):

@@ -63,9 +63,9 @@ def layer_curves(results: dict, task: str, path: Path) -> str | None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
     for key, values in layers.items():
         ax = {"simaou": a, "simam": b}.get(key.metric)
-        if ax is None:
+        if ax is None or key.variant not in ("", "shuffled"):
             continue
-        style = ":" if key.baseline else "--" if (key.metric, key.of) == ("simam", "zsl") else "-"
+        style = ":" if key.baseline or key.variant else "--" if (key.metric, key.of) == ("simam", "zsl") else "-"
         ax.plot(range(len(values)), values, style, marker=".", label=key.label)
     for ax, title in ((a, "SimAOU"), (b, "SimAM")):
         ax.set_title(f"{task}: {title} per layer")

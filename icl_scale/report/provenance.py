@@ -9,11 +9,11 @@ from icl_scale.report.tables import Table
 from icl_scale.runtime.rundir import read_invocations
 
 
-def undefined_summary(results: dict, most: int = 8) -> str:
-    """Which similarity figures have (example, layer) values left out, and how many of how many."""
+def undefined_summary(results: dict, most: int = 8, field: str = "undefined") -> str:
+    """Which similarity figures have (example, layer) values (or heads) left out, how many of how many."""
     items = [f"{task} seed {seed} `{name}` {k} of {n}" for task, t in results["tasks"].items()
              for seed, r in t["seeds"].items()
-             for name, (k, n) in sorted(r.get("undefined", {}).items(), key=lambda kv: str(kv[0]))]
+             for name, (k, n) in sorted(r.get(field, {}).items(), key=lambda kv: str(kv[0]))]
     if not items:
         return "none"
     return "; ".join(items[:most]) + (f"; and {len(items) - most} more (results.json)" if len(items) > most else "")
@@ -43,10 +43,13 @@ def provenance(run_dir: Path, results: dict) -> tuple[list[str], Table, Table]:
         f"- Finetuning: {f.optimizer}, trained: {f.train}, demonstrations: {f.demos}, clipping: "
         + ("none" if f.clip == "none" else f"{f.clip} at {f.clip_value}")
         + f"; {steps} steps, {skipped} skipped",
-        f"- Recording position: {cfg.eval.record_position}; config hash `{results['config_hash']}`",
+        f"- Recording position: {cfg.eval.record_position}; records stored in {cfg.output.record_dtype}; "
+        f"config hash `{results['config_hash']}`",
         "- Packages: " + ", ".join(f"{k} {v}" for k, v in packages.items()),
         "- Similarity values left out as undefined (a zero update, or activations beyond float32): "
         + undefined_summary(results),
+        "- Attention heads left out of a SimAM head mean (scores, or their difference, exactly zero): "
+        + undefined_summary(results, field="heads_left_out"),
     ]
     rows = []
     for task, t in results["tasks"].items():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from icl_scale.report.keys import RPA_LABELS, Key
+from icl_scale.report.keys import MAP_LABELS, RPA_LABELS, SIMAOU_PARTS, Key
 from icl_scale.report.reference import MODEL as REFERENCE_MODEL, reference
 from icl_scale.settings import SETTINGS
 
@@ -50,7 +50,7 @@ def task_average(results: dict, key: Key) -> float:
 
 
 VARIANT_KEYS = ([Key("acc", s) for s in SETTINGS] + [Key("rpa", "ft", "all"), Key("simaou", "random_uniform")]
-                + [Key("simaou", f) for f in ("ft", "ft_lc", "ft_lin")]
+                + [Key("simaou", f, v) for f in ("ft", "ft_lc", "ft_lin") for v in ("", "shuffled", "excess")]
                 + [Key("simam", s) for s in ("zsl", "ft", "ft_lc", "ft_lin")])
 
 
@@ -65,9 +65,22 @@ def variant_table(results_of: dict[str, dict], titles: dict[str, str]) -> Table:
                  "give without pretrained weights.", keys)
 
 
+def with_parts(keys: list[Key]) -> list[Key]:
+    """Every SimAOU of an FT setting followed by what it is made of and its baselines (a, b, floor,
+    shuffled pairs, excess, orthogonal part), every SimAM by its centred and post-softmax variants."""
+    out: list[Key] = []
+    for k in keys:
+        out.append(k)
+        if k.metric == "simaou" and k.of in SETTINGS and not k.variant:
+            out += [Key("cos_zsl", "icl"), Key("cos_zsl", k.of)] + [Key("simaou", k.of, v) for v in SIMAOU_PARTS]
+        elif k.metric in ("simam", "simam_delta") and not k.variant:
+            out += [Key(k.metric, k.of, v) for v in MAP_LABELS if v]
+    return list(dict.fromkeys(out))   # a once, where two SimAOU rows bring it
+
+
 def metric_table(results: dict, title: str, keys: list[Key], caption: str, compare: bool) -> Table | None:
     tasks = list(results["tasks"])
-    keys = [k for k in keys if any(k in results["tasks"][t]["summary"] for t in tasks)]
+    keys = [k for k in with_parts(keys) if any(k in results["tasks"][t]["summary"] for t in tasks)]
     if not keys:
         return None
     rows = [[k.label] + [cell(results["tasks"][t], k, t, compare) for t in tasks] + [fmt(task_average(results, k))]
@@ -89,10 +102,15 @@ def paper_tables(results: dict, compare: bool = False) -> list[Table]:
         compare)]
     out.append(metric_table(
         results, "SimAOU and SimAM: standard vs layer-causal FT",
-        [Key("simaou", "random_uniform"), Key("simaou", "random_gaussian"), Key("simaou", "ft"), Key("simaou", "ft_lc"),
+        [Key("simaou", "random_uniform"), Key("simaou", "random_gaussian"), Key("simaou", "random_state"),
+         Key("simaou", "ft"), Key("simaou", "ft_lc"),
          Key("simam", "zsl"), Key("simam", "ft"), Key("simam", "ft_lc"), Key("simam_delta", "ft"),
          Key("simam_delta", "ft_lc")],
-        "Means over examples and layers. Random baselines: the FT update replaced by a seeded random vector." + spread,
+        "Means over examples and layers. Random baselines: the FT update replaced by a seeded random vector. "
+        "Beside each SimAOU: a = cos(h_ICL, h_ZSL) and b = cos(h_FT, h_ZSL); the floor √((1−a)(1−b))/2, what SimAOU "
+        "is when the two updates share only their way off ĥ_ZSL; SimAOU with the FT update of another example "
+        "(shuffled pairs, a seeded derangement) and the excess over it; the same for the updates' parts "
+        "orthogonal to ĥ_ZSL. SimAM on plain, centred and post-softmax scores." + spread,
         compare))
     if "ft_lc_clip" in ft:
         f = cfg.finetune
@@ -119,6 +137,31 @@ def paper_tables(results: dict, compare: bool = False) -> list[Table]:
     return [t for t in out if t is not None]
 
 
+def excess_sentences(results: dict) -> list[str]:
+    """One sentence per FT setting: is SimAOU's excess over shuffled pairs significantly above 0?"""
+    out = []
+    for f in results["ft_settings"]:
+        for part, what in (("excess", "SimAOU"), ("orth_excess", "SimAOU of the parts orthogonal to ĥ_ZSL")):
+            key = Key("simaou", f, part)
+            have = {t: r["summary"][key] for t, r in results["tasks"].items() if key in r["summary"]}
+            if not have:
+                continue
+            above = [t for t, s in have.items() if not _nan(s["ci"][0]) and s["ci"][0] > 0]
+            below = [t for t, s in have.items() if not _nan(s["ci"][1]) and s["ci"][1] < 0]
+            verdict = (f"its 95% interval is above 0 on {len(above)} of {len(have)} tasks"
+                       + (f" ({', '.join(above)})" if above else "")
+                       + (f" and below 0 on {', '.join(below)}" if below else ""))
+            sizes = sorted({r["n"] for t in have for r in results["tasks"][t]["seeds"].values()})
+            n = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}–{sizes[-1]}"
+            out.append(f"- {SETTINGS[f].label}: {what} minus its shuffled-pair baseline is "
+                       f"{fmt(task_average(results, key))} on average over {len(have)} tasks ({n} examples per "
+                       f"task and seed); {verdict}. "
+                       + ("Where it is above 0, ICL's update aligns with this FT's update on the same example beyond "
+                          "what geometry and directions shared by all examples give." if above else
+                          "Nowhere is the per-example alignment distinguishable from pairing with another example."))
+    return out
+
+
 def interval_table(results: dict, task: str) -> Table:
     """Every headline figure of one task with its spread and bootstrap interval."""
     summary = results["tasks"][task]["summary"]
@@ -129,11 +172,14 @@ def interval_table(results: dict, task: str) -> Table:
                  list(summary))
 
 
+LAYER_VARIANTS = ("", "shuffled", "excess")   # the report.md's per-layer columns; metrics.csv has every figure
+
+
 def layer_table(results: dict, task: str) -> Table | None:
     layers = results["tasks"][task]["layers"]
-    if not layers:
+    names = [k for k in layers if k.variant in LAYER_VARIANTS and k.metric != "cos_zsl"]
+    if not names:
         return None
-    names = list(layers)
     n = len(layers[names[0]])
     rows = [[str(i)] + [fmt(layers[k][i]) for k in names] for i in range(n)]
     return Table(f"{task}: per layer", ["layer"] + [k.label for k in names], rows,
