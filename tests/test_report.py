@@ -258,3 +258,34 @@ def test_simaou_parts_and_robust_simam_from_the_records(run):
                             per.append(mean([cos(im[h] - zm[h], fm[h] - zm[h]) for h in range(zm.shape[0])]))
                     key = f"simam_delta/{f}{suffix}"
                     assert figure(got, key) == pytest.approx(mean(per), abs=1e-9, nan_ok=True), key
+
+
+def test_noise_ceilings_from_the_records(run):
+    """SimAOU and SimAM_Δ between the updates of one method after demonstration draws 1 and 2."""
+    results = json.loads((run / "reports/run/results.json").read_text())
+    records = run_records(run / "run")
+
+    def cos(x, y):
+        nx, ny = np.linalg.norm(x), np.linalg.norm(y)
+        return np.nan if nx == 0 or ny == 0 else float(x @ y / nx / ny)
+
+    for task in TASKS:
+        summary = results["tasks"][task]["summary"]
+        z = records[task, "zsl", 1]
+        assert z["ids"].tolist() == records[task, "zsl", 2]["ids"].tolist()   # one eval set for every seed
+        for m in ("icl", "ft", "ft_lin"):
+            a, b = records[task, m, 1], records[task, m, 2]
+            simaou, delta = [], []
+            for e in range(len(z["ids"])):
+                for layer in range(z["attn_out"].shape[1]):
+                    hz, ha, hb = (r["attn_out"][e, layer].astype(np.float64) for r in (z, a, b))
+                    hz, ha, hb = hz / np.linalg.norm(hz), ha / np.linalg.norm(ha), hb / np.linalg.norm(hb)
+                    simaou.append(cos(ha - hz, hb - hz))
+                    mz, ma, mb = (r["scores"][e][layer].astype(np.float64) for r in (z, a, b))
+                    heads = [c for c in (cos(ma[h] - mz[h], mb[h] - mz[h]) for h in range(len(mz))) if not np.isnan(c)]
+                    delta.append(np.mean(heads) if heads else np.nan)
+            for key, values in ((f"ceiling/{m}", simaou), (f"ceiling_simam_delta/{m}", delta)):
+                want = np.nanmean(values) if not np.isnan(values).all() else None
+                got = summary[key]["mean"]
+                assert summary[key]["seeds"] == ["1-2"]
+                assert got == pytest.approx(want, abs=1e-9) if want is not None else got is None, (task, key)

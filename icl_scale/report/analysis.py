@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from icl_scale.report import metrics as M
+from icl_scale.report.ceilings import ceilings
 from icl_scale.report.keys import RPA_LABELS, Key
 from icl_scale.report.merge import JobRecords
 from icl_scale.runtime import rundir
@@ -29,7 +30,6 @@ from icl_scale.settings import ft_settings
 
 RANDOM_KINDS = ("uniform", "gaussian", "state")   # state: a random h in place of h_FT (the papers' text)
 SHUFFLE_STREAM = len(RANDOM_KINDS)
-BOOTSTRAP = 1000
 
 
 def random_update(task: str, seed: int, example_id: int, kind: str, shape: tuple) -> np.ndarray:
@@ -157,7 +157,7 @@ def stats(per_seed: dict[int, dict], examples: dict[int, dict], methods: list[st
             continue
         vals = [value(per_seed[s]) for s in have]
         mean, std = M.mean_std(vals)
-        ci = M.bootstrap_ci([tuple(examples[s][f] for f in fields) for s in have], stat, n=BOOTSTRAP)
+        ci = M.bootstrap_ci([tuple(examples[s][f] for f in fields) for s in have], stat)
         out[key] = {"mean": mean, "std": std, "ci": list(ci), "per_seed": vals, "seeds": have}
     return out
 
@@ -170,16 +170,22 @@ def analyze(run_dir: Path) -> dict:
     failures = [f for f in rundir.read_failures(run_dir) if f["config_hash"] == h]
     tasks = {}
     for task in cfg.data.tasks:
-        per_seed, examples, failed = {}, {}, {}
+        per_seed, examples, failed, ok = {}, {}, {}, {}
         for seed in cfg.data.seeds:
             bad = {f["setting"] for f in failures if f["task"] == task and f["seed"] == seed}
             for s in sorted(bad):
                 failed.setdefault(s, []).append(seed)
-            per_seed[seed], examples[seed] = analyze_job(run_dir, h, task, seed, [m for m in methods if m not in bad])
+            ok[seed] = [m for m in methods if m not in bad]
+            per_seed[seed], examples[seed] = analyze_job(run_dir, h, task, seed, ok[seed])
         names = sorted({n for r in per_seed.values() for n in r.get("layers", {})}, key=str)
         layers = {n: M.nanmean([r["layers"][n] for r in per_seed.values() if n in r.get("layers", {})], axis=0).tolist()
                   for n in names}
-        tasks[task] = {"seeds": {str(s): r for s, r in per_seed.items()}, "summary": stats(per_seed, examples, methods),
+        summary = stats(per_seed, examples, methods)
+        for key, c in ceilings(run_dir, h, task, list(cfg.data.seeds), ok,
+                               {s: r["meta"] for s, r in per_seed.items()}).items():
+            layers[key] = c.pop("layers")
+            summary[key] = c
+        tasks[task] = {"seeds": {str(s): r for s, r in per_seed.items()}, "summary": summary,
                        "layers": layers, "failed": failed}
     return {"run_dir": str(run_dir), "config_hash": h, "config": cfg, "methods": methods,
             "ft_settings": ft_settings(methods), "tasks": tasks, "failures": failures}

@@ -10,6 +10,7 @@ of the metric. Written out as `metric/of/variant` (metrics.csv, results.json), n
     Key("simam", "zsl")                 SimAM before FT; of an FT setting: after it
     Key("simam", "zsl", "centred")      the same on centred (or "softmax") scores
     Key("simam_delta", "ft")            SimAM_Δ of an FT setting
+    Key("ceiling", "icl")               noise ceiling: SimAOU of ICL vs ICL over two seeds (CEILINGS)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ SIMAOU_PARTS = {"floor": "SimAOU floor √((1−a)(1−b))/2", "shuffled": "SimA
                 "excess": "SimAOU excess over shuffled pairs", "orth": "SimAOU ⊥ ĥ_ZSL",
                 "orth_shuffled": "SimAOU ⊥ ĥ_ZSL, shuffled pairs", "orth_excess": "SimAOU ⊥ ĥ_ZSL excess over shuffled pairs"}
 MAP_LABELS = {"": "", "centred": ", centred", "softmax": ", post-softmax"}
+CEILINGS = {"ceiling": "SimAOU", "ceiling_simam": "SimAM", "ceiling_simam_delta": "SimAM_Δ"}
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,8 @@ class Key:
             return f"SimAM ({when}{MAP_LABELS[self.variant]})"
         if self.metric == "simam_delta":
             return f"SimAM_Δ ({of}{MAP_LABELS[self.variant]})"
+        if self.metric in CEILINGS:
+            return f"{CEILINGS[self.metric]} ceiling: {of} vs {of}, two demonstration draws"
         return str(self)
 
     @property

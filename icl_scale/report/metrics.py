@@ -183,7 +183,10 @@ def mean_std(values) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
-def bootstrap_ci(per_seed: list, stat, n: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+BOOTSTRAP = 1000   # resamples of every bootstrap interval
+
+
+def bootstrap_ci(per_seed: list, stat, n: int = BOOTSTRAP, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """Percentile interval of the mean over seeds of `stat`, resampling each seed's examples with
     replacement. `per_seed`: one tuple of per-example arrays (same length) per seed; `stat` maps
     such a tuple to a number."""

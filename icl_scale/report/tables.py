@@ -66,15 +66,19 @@ def variant_table(results_of: dict[str, dict], titles: dict[str, str]) -> Table:
 
 
 def with_parts(keys: list[Key]) -> list[Key]:
-    """Every SimAOU of an FT setting followed by what it is made of and its baselines (a, b, floor,
-    shuffled pairs, excess, orthogonal part), every SimAM by its centred and post-softmax variants."""
+    """Every SimAOU of an FT setting followed by what it is made of, its baselines (a, b, floor,
+    shuffled pairs, excess, orthogonal part) and the noise ceilings; every SimAM by its centred and
+    post-softmax variants and the ceilings."""
     out: list[Key] = []
     for k in keys:
         out.append(k)
         if k.metric == "simaou" and k.of in SETTINGS and not k.variant:
             out += [Key("cos_zsl", "icl"), Key("cos_zsl", k.of)] + [Key("simaou", k.of, v) for v in SIMAOU_PARTS]
+            out += [Key("ceiling", "icl"), Key("ceiling", k.of)]
         elif k.metric in ("simam", "simam_delta") and not k.variant:
             out += [Key(k.metric, k.of, v) for v in MAP_LABELS if v]
+            if k.of != "zsl":
+                out += [Key(f"ceiling_{k.metric}", "icl"), Key(f"ceiling_{k.metric}", k.of)]
     return list(dict.fromkeys(out))   # a once, where two SimAOU rows bring it
 
 
@@ -177,7 +181,7 @@ LAYER_VARIANTS = ("", "shuffled", "excess")   # the report.md's per-layer column
 
 def layer_table(results: dict, task: str) -> Table | None:
     layers = results["tasks"][task]["layers"]
-    names = [k for k in layers if k.variant in LAYER_VARIANTS and k.metric != "cos_zsl"]
+    names = [k for k in layers if k.variant in LAYER_VARIANTS and k.metric in ("simaou", "simam", "simam_delta", "ceiling")]
     if not names:
         return None
     n = len(layers[names[0]])
