@@ -217,3 +217,21 @@ def test_robust_simam_against_loops_and_a_zero_head_drops_only_that_head():
                         cos.append(x @ y / np.linalg.norm(x) / np.linalg.norm(y))
                 assert got[e, layer] == pytest.approx(np.mean(cos), abs=1e-12)
                 assert len(cos) == (2 if (e, layer) == (0, 1) else 3)
+
+
+def test_change_counts_against_a_loop():
+    rng = np.random.default_rng(5)
+    zsl, icl, ft, gold = (rng.integers(0, 3, 200) for _ in range(4))
+    want = dict.fromkeys(M.CHANGES, 0)
+    for z, i, f, g in zip(zsl, icl, ft, gold):
+        if i != z and f == z:
+            want["icl_only_correct" if i == g else "icl_only_incorrect"] += 1
+        elif f != z and i == z:
+            want["ft_only_correct" if f == g else "ft_only_incorrect"] += 1
+        elif i != z and f != z:
+            right = int(i == g) + int(f == g)
+            want[{2: "both_correct", 0: "both_incorrect", 1: "both_mixed"}[right]] += 1
+    got = M.change_counts(zsl, icl, ft, gold)
+    assert got == want and sum(got.values()) == int(((icl != zsl) | (ft != zsl)).sum())
+    both = got["both_correct"] + got["both_incorrect"] + got["both_mixed"]
+    assert M.rpa(zsl, icl, ft, gold)["all"] == pytest.approx(both / sum(got.values()))

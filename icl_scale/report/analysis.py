@@ -120,6 +120,7 @@ def analyze_job(run_dir: Path, h: str, task: str, seed: int, methods: list[str])
     if "zsl" in pred and "icl" in pred:
         res["rec2ftp"] = {f: M.rec2ftp(pred["zsl"], pred["icl"], pred[f], gold) for f in ft}
         res["rpa"] = {f: M.rpa(pred["zsl"], pred["icl"], pred[f], gold) for f in ft}
+        res["changes"] = {f: M.change_counts(pred["zsl"], pred["icl"], pred[f], gold) for f in ft}
         if recs["zsl"].has_capture():
             sims, heads = similarities(recs, ft, task, seed)
             res["similarity"] = {name: float(M.nanmean(v)) for name, v in sims.items()}

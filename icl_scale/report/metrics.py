@@ -42,6 +42,22 @@ def rpa(zsl: np.ndarray, icl: np.ndarray, ft: np.ndarray, gold: np.ndarray) -> d
     return out
 
 
+CHANGES = ("icl_only_correct", "icl_only_incorrect", "ft_only_correct", "ft_only_incorrect",
+           "both_correct", "both_incorrect", "both_mixed")
+
+
+def change_counts(zsl: np.ndarray, icl: np.ndarray, ft: np.ndarray, gold: np.ndarray) -> dict[str, int]:
+    """Predictions changed from ZSL by ICL only, FT only, or both, and whether the new predictions
+    are correct (both: both correct, both wrong, or one of each)."""
+    d_icl, d_ft = icl != zsl, ft != zsl
+    ok_icl, ok_ft = icl == gold, ft == gold
+    masks = {"icl_only_correct": d_icl & ~d_ft & ok_icl, "icl_only_incorrect": d_icl & ~d_ft & ~ok_icl,
+             "ft_only_correct": d_ft & ~d_icl & ok_ft, "ft_only_incorrect": d_ft & ~d_icl & ~ok_ft,
+             "both_correct": d_icl & d_ft & ok_icl & ok_ft, "both_incorrect": d_icl & d_ft & ~ok_icl & ~ok_ft,
+             "both_mixed": d_icl & d_ft & (ok_icl != ok_ft)}
+    return {k: int(masks[k].sum()) for k in CHANGES}
+
+
 def _unit(x: np.ndarray) -> np.ndarray:
     n = np.linalg.norm(x, axis=-1, keepdims=True)
     return x / np.where(n == 0, 1, n)

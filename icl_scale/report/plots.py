@@ -79,9 +79,46 @@ def layer_curves(results: dict, task: str, path: Path) -> str | None:
             f"mean over examples and seeds.")
 
 
+def change_bars(results: dict, path: Path) -> str | None:
+    """Per FT setting (panels) and task (groups): predictions changed by ICL only, both, FT only,
+    each split into new prediction correct (solid) and wrong (hatched); summed over seeds."""
+    from icl_scale.report.tables import change_totals
+
+    totals = change_totals(results)
+    if not totals:
+        return None
+    plt = _pyplot()
+    tasks = list(results["tasks"])
+    fts = list(dict.fromkeys(f for _, f in totals))
+    fig, axes = plt.subplots(1, len(fts), figsize=(4.2 * len(fts), 3.6), squeeze=False, layout="constrained")
+    groups = (("ICL only", "icl_only", "tab:blue"), ("both", "both", "tab:purple"), ("FT only", "ft_only", "tab:orange"))
+    x = np.arange(len(tasks))
+    for ax, f in zip(axes[0], fts):
+        for k, (name, prefix, colour) in enumerate(groups):
+            right = np.array([totals.get((t, f), {}).get(f"{prefix}_correct", 0) for t in tasks])
+            wrong = np.array([totals.get((t, f), {}).get(f"{prefix}_incorrect", 0) for t in tasks])
+            mixed = np.array([totals.get((t, f), {}).get("both_mixed", 0) if prefix == "both" else 0 for t in tasks])
+            at = x + (k - 1) * 0.27
+            ax.bar(at, right, 0.27, color=colour, label=f"{name} → correct")
+            ax.bar(at, wrong, 0.27, bottom=right, color=colour, alpha=.45, hatch="//", label=f"{name} → wrong")
+            if prefix == "both":
+                ax.bar(at, mixed, 0.27, bottom=right + wrong, color="grey", alpha=.5, label="both, one correct")
+        ax.set_xticks(x, tasks, fontsize=8)
+        ax.set_title(f"ICL vs {SETTINGS[f].label}")
+        ax.set_ylabel("changed predictions")
+    axes[0][-1].legend(fontsize=6)
+    atomic.save_png(path, fig)
+    plt.close(fig)
+    return ("Predictions changed from ZSL by ICL only, by both, or by FT only, per task (summed over seeds); solid: "
+            "the new prediction is correct, hatched: wrong, grey: both changed, one correct.")
+
+
 def figures(results: dict, out_dir: Path) -> list[tuple[str, str]]:
     """Write every figure into out_dir; (file name, caption) of each."""
     made = []
+    caption = change_bars(results, out_dir / "changed_predictions.png")
+    if caption:
+        made.append(("changed_predictions.png", caption))
     for task in results["tasks"]:
         for name, draw in ((f"{task}_grad_norms.png", grad_heatmap), (f"{task}_layers.png", layer_curves)):
             caption = draw(results, task, out_dir / name)

@@ -22,8 +22,8 @@ from icl_scale import config as C
 from icl_scale.report.analysis import analyze
 from icl_scale.report.plots import figures
 from icl_scale.report.provenance import provenance
-from icl_scale.report.tables import (Table, excess_sentences, failure_table, finetune_table, interval_table,
-                                     layer_table, paper_tables)
+from icl_scale.report.tables import (Table, changes_table, excess_sentences, failure_table, finetune_table,
+                                     interval_table, layer_table, paper_tables)
 
 
 def md_table(t: Table, level: str = "##") -> list[str]:
@@ -48,9 +48,9 @@ def markdown(results: dict, tables: list[Table], figs: list[tuple[str, str]], pr
         out += ["## Does ICL's update align with FT's beyond geometry?", "",
                 "SimAOU minus SimAOU of shuffled pairs (the FT update of another example of the same task and "
                 "seed), per task with a bootstrap 95% interval over examples:", "", *excess, ""]
-    ft = finetune_table(results)
-    if ft:
-        out += md_table(ft)
+    for t in (changes_table(results), finetune_table(results)):
+        if t:
+            out += md_table(t)
     failed = failure_table(results)
     if failed:
         out += md_table(failed)

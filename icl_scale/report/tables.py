@@ -190,6 +190,35 @@ def layer_table(results: dict, task: str) -> Table | None:
                  "Mean over examples (and seeds) at each layer; layer 0 is nearest the input.")
 
 
+CHANGE_COLUMNS = {"icl_only_correct": "ICL only → correct", "icl_only_incorrect": "ICL only → wrong",
+                  "ft_only_correct": "FT only → correct", "ft_only_incorrect": "FT only → wrong",
+                  "both_correct": "both → correct", "both_incorrect": "both → wrong", "both_mixed": "both, one correct"}
+
+
+def change_totals(results: dict) -> dict[tuple[str, str], dict[str, int]]:
+    """{(task, FT setting): counts of changed predictions summed over seeds}."""
+    out: dict = {}
+    for task, tr in results["tasks"].items():
+        for r in tr["seeds"].values():
+            for f, counts in r.get("changes", {}).items():
+                total = out.setdefault((task, f), dict.fromkeys(CHANGE_COLUMNS, 0))
+                for k, v in counts.items():
+                    total[k] += v
+    return out
+
+
+def changes_table(results: dict) -> Table | None:
+    totals = change_totals(results)
+    if not totals:
+        return None
+    rows = [[task, SETTINGS[f].label] + [str(c[k]) for k in CHANGE_COLUMNS] + [str(sum(c.values()))]
+            for (task, f), c in totals.items()]
+    n_seeds = len(results["config"].data.seeds)
+    return Table("Changed predictions", ["task", "FT setting", *CHANGE_COLUMNS.values(), "changed"], rows,
+                 f"Eval examples whose prediction ICL or FT changed from ZSL, summed over {n_seeds} seed(s): changed by "
+                 "one of them only or by both, and whether the new prediction is correct. RPA is both / changed.")
+
+
 def failure_table(results: dict) -> Table | None:
     rows = [[f["task"], str(f["seed"]), SETTINGS[f["setting"]].label if f["setting"] in SETTINGS else f["setting"],
              str(f["rank"]), f["error"]]
