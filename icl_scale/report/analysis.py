@@ -80,6 +80,7 @@ def similarities(recs: dict[str, JobRecords], ft: list[str], task: str, seed: in
             vals[Key("simaou", f"random_{kind}")] = (M.simaou_random_state(h_z, h_i, r) if kind == "state"
                                                      else M.simaou_random(h_z, h_i, r))
         paired = [i for i in chunk if i in partner]
+        at_paired = [k for k, i in enumerate(chunk) if i in partner]
         h_zj = recs["zsl"].large([partner[i] for i in paired])[0] if paired else None
         for f in ft:
             parts = M.simaou_parts(h_z, h_i, data[f][0])
@@ -88,10 +89,10 @@ def similarities(recs: dict[str, JobRecords], ft: list[str], task: str, seed: in
             vals[Key("simaou", f, "floor")], vals[Key("simaou", f, "orth")] = parts["floor"], parts["orth"]
             shuffled = {k: np.full_like(parts["simaou"], np.nan) for k in ("shuffled", "orth_shuffled")}
             if paired:
-                at = [chunk.index(i) for i in paired]
-                got = M.simaou_pairs(h_z[at], h_i[at], h_zj, recs[f].large([partner[i] for i in paired])[0])
+                got = M.simaou_pairs(h_z[at_paired], h_i[at_paired], h_zj,
+                                     recs[f].large([partner[i] for i in paired])[0])
                 for k in shuffled:
-                    shuffled[k][at] = got[k]
+                    shuffled[k][at_paired] = got[k]
             for k, v in shuffled.items():
                 vals[Key("simaou", f, k)] = v
             vals[Key("simaou", f, "excess")] = parts["simaou"] - shuffled["shuffled"]
