@@ -289,3 +289,18 @@ def test_noise_ceilings_from_the_records(run):
                 got = summary[key]["mean"]
                 assert summary[key]["seeds"] == ["1-2"]
                 assert got == pytest.approx(want, abs=1e-9) if want is not None else got is None, (task, key)
+
+
+def test_compare_reference_is_like_for_like_where_it_can_be(run, tmp_path):
+    """The paper's RPA (its code's ChangeRecall) stands beside our ChangeRecall, not beside our RPA;
+    where the paper reports fewer tasks, the average compares over its tasks; another model is said."""
+    r = run_cli(["report", str(run / "run"), "--report-dir", str(tmp_path), "--compare-reference"])
+    assert r.returncode == 0, r.stderr
+    lines = (tmp_path / "run/report.md").read_text().splitlines()
+    row = lambda start: next(line for line in lines if line.startswith(start))   # noqa: E731
+    assert "(0.8000)" in row("| ChangeRecall (the reference code's RPA) (FT) |")
+    assert "(0.8000)" not in row("| RPA (FT) |")
+    lin = [c.strip() for c in row("| SimAOU (linearized FT) |").split("|")[1:-1]]
+    ours_sst2 = lin[2].split(" ")[0]   # cb, sst2: the paper has linearized FT on sst2 only of these
+    assert lin[3].endswith(f"(sst2: {ours_sst2} vs 0.1220)")
+    assert any("not the paper's: no figure is like for like" in line for line in lines)

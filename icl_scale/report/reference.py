@@ -9,6 +9,7 @@ The random SimAOU baseline of the papers is the reference's unseeded Uniform[0, 
 from __future__ import annotations
 
 MODEL = "GPT 1.3B (fairseq en_dense_lm_1_3b)"
+MODEL_IDS = ("KoboldAI/fairseq-dense-1.3B",)   # our model names that are the papers' model
 
 _TASKS = ("sst2", "sst5", "mr", "subj", "agnews", "cb")
 
@@ -21,7 +22,8 @@ REFERENCE: dict[str, dict[str, float]] = {
     "acc/zsl": _row(.705, .393, .659, .726, .462, .375),
     "acc/ft": _row(.74, .394, .726, .778, .667, .571),
     "acc/icl": _row(.927, .450, .891, .900, .792, .500),
-    "rpa/ft/all": _row(.164, .034, .340, .362, .480, .800),
+    # the papers' RPA is their code's ChangeRecall: shown beside ours of that formula
+    "rpa/ft/change_recall": _row(.164, .034, .340, .362, .480, .800),
     "rpa/ft/correct": _row(.198, .032, .402, .480, .635, .917),
     "rpa/ft/incorrect": _row(.018, .035, .177, .102, .192, .667),
     "simaou/random_uniform": _row(.0016, .0025, .0008, .0022, .0021, .0037),
@@ -40,3 +42,10 @@ REFERENCE: dict[str, dict[str, float]] = {
 def reference(key, task: str) -> float | None:
     """The papers' figure of a report key (report/keys.py) on a task, if they have it."""
     return REFERENCE.get(str(key), {}).get(task)
+
+
+def reference_average(key, tasks: list[str]) -> tuple[float | None, list[str]]:
+    """The papers' average of a figure over those of `tasks` they report, and which those are."""
+    row = REFERENCE.get(str(key), {})
+    have = [t for t in tasks if t in row]
+    return (sum(row[t] for t in have) / len(have) if have else None), have

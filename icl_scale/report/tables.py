@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from icl_scale.report.keys import MAP_LABELS, RPA_LABELS, SIMAOU_PARTS, Key
-from icl_scale.report.reference import MODEL as REFERENCE_MODEL, reference
+from icl_scale.report.reference import MODEL as REFERENCE_MODEL, MODEL_IDS, reference, reference_average
 from icl_scale.settings import SETTINGS
 
 
@@ -38,13 +38,28 @@ def cell(task_results: dict, key: Key, task: str, compare: bool) -> str:
         if failed:
             text += " (seed " + ", ".join(map(str, failed)) + " failed)"
     if compare:
-        text += f" ({fmt(reference(key, task))})"
+        held_out = any(r["meta"]["eval_from_train"] for r in task_results["seeds"].values())
+        text += f" ({fmt(reference(key, task))})" + (" †" if held_out else "")
     return text
 
 
-def task_average(results: dict, key: Key) -> float:
-    """The mean over tasks of a figure's mean over seeds (NaN where no task has it)."""
-    means = [r["summary"][key]["mean"] for r in results["tasks"].values() if key in r["summary"]]
+def average_cell(results: dict, key: Key, tasks: list[str], compare: bool) -> str:
+    """Our average over tasks; comparing, the papers' average and ours over the same tasks as theirs."""
+    text = fmt(task_average(results, key))
+    if compare:
+        theirs, have = reference_average(key, tasks)
+        if have and len(have) < len(tasks):
+            ours = task_average(results, key, have)
+            text += f" ({', '.join(have)}: {fmt(ours)} vs {fmt(theirs)})"
+        else:
+            text += f" ({fmt(theirs)})"
+    return text
+
+
+def task_average(results: dict, key: Key, tasks: list[str] | None = None) -> float:
+    """The mean over tasks (all, or `tasks`) of a figure's mean over seeds (NaN where none has it)."""
+    means = [r["summary"][key]["mean"] for t, r in results["tasks"].items()
+             if key in r["summary"] and (tasks is None or t in tasks)]
     means = [m for m in means if not _nan(m)]
     return sum(means) / len(means) if means else math.nan
 
@@ -87,10 +102,15 @@ def metric_table(results: dict, title: str, keys: list[Key], caption: str, compa
     keys = [k for k in with_parts(keys) if any(k in results["tasks"][t]["summary"] for t in tasks)]
     if not keys:
         return None
-    rows = [[k.label] + [cell(results["tasks"][t], k, t, compare) for t in tasks] + [fmt(task_average(results, k))]
+    rows = [[k.label] + [cell(results["tasks"][t], k, t, compare) for t in tasks] + [average_cell(results, k, tasks, compare)]
             for k in keys]
     if compare:
-        caption += f" In parentheses: the paper's figure ({REFERENCE_MODEL}), – where it has none."
+        caption += (f" In parentheses: the paper's figure ({REFERENCE_MODEL}), – where it has none; where the paper "
+                    "reports fewer tasks, the average column compares over its tasks only. The paper's RPA is its "
+                    "code's ChangeRecall and stands beside ours. †: our eval set is held out of train (no official "
+                    "eval split offline), not the paper's.")
+        if results["config"].model.name not in MODEL_IDS:
+            caption += f" Our model is `{results['config'].model.name}`, not the paper's: no figure is like for like."
     return Table(title, ["metric"] + tasks + ["average"], rows, caption, keys)
 
 
