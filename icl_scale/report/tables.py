@@ -177,12 +177,21 @@ def excess_sentences(results: dict) -> list[str]:
                        + (f" and below 0 on {', '.join(below)}" if below else ""))
             sizes = sorted({r["n"] for t in have for r in results["tasks"][t]["seeds"].values()})
             n = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}–{sizes[-1]}"
+            shuffled, floor = (task_average(results, Key("simaou", f, v)) for v in ("shuffled", "floor"))
+            below_floor = part == "excess" and not _nan(floor) and shuffled < floor
+            if below_floor:
+                reading = (f"But shuffled pairs ({fmt(shuffled)}) sit below the geometric floor ({fmt(floor)}) here: "
+                           "ĥ_ZSL differs between examples, so shuffled pairs do not carry the floor and this excess "
+                           "is partly the floor. The orthogonal excess, which the floor does not reach, is the figure "
+                           "to read.")
+            elif above:
+                reading = ("Where it is above 0, ICL's update aligns with this FT's update on the same example beyond "
+                           "what geometry and directions shared by all examples give.")
+            else:
+                reading = "Nowhere is the per-example alignment distinguishable from pairing with another example."
             out.append(f"- {SETTINGS[f].label}: {what} minus its shuffled-pair baseline is "
                        f"{fmt(task_average(results, key))} on average over {len(have)} tasks ({n} examples per "
-                       f"task and seed); {verdict}. "
-                       + ("Where it is above 0, ICL's update aligns with this FT's update on the same example beyond "
-                          "what geometry and directions shared by all examples give." if above else
-                          "Nowhere is the per-example alignment distinguishable from pairing with another example."))
+                       f"task and seed); {verdict}. {reading}")
     return out
 
 
