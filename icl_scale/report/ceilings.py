@@ -23,11 +23,17 @@ def ceilings(run_dir: Path, h: str, task: str, seeds: list[int], ok: dict[int, l
     mean over pairs, std over pairs, bootstrap interval over examples, the value of each pair."""
     pairs = [(s, t) for k, s in enumerate(seeds) for t in seeds[k + 1:] if metas[s]["eval_ids"] == metas[t]["eval_ids"]]
     per_pair: dict[Key, list] = {}
+    opened: dict[tuple[str, int], JobRecords] = {}
+
+    def open_(setting: str, seed: int) -> JobRecords:   # each job's shards verified once, not once per pair
+        if (setting, seed) not in opened:
+            opened[setting, seed] = JobRecords(rundir.job_dir(run_dir, task, setting, seed), h, metas[seed]["eval_ids"])
+        return opened[setting, seed]
+
     for s, t in pairs:
         both = [m for m in ok[s] if m in ok[t] and (m == "icl" or SETTINGS[m].finetunes)]
         if "zsl" not in ok[s] or not both:
             continue
-        open_ = lambda m, seed: JobRecords(rundir.job_dir(run_dir, task, m, seed), h, metas[seed]["eval_ids"])  # noqa: E731
         zsl = open_("zsl", s)
         if not zsl.has_capture():
             return {}
@@ -42,6 +48,8 @@ def ceilings(run_dir: Path, h: str, task: str, seeds: list[int], ok: dict[int, l
                     vals.setdefault(key, []).append(v)
         for key, parts in vals.items():
             per_pair.setdefault(key, []).append((f"{s}-{t}", np.concatenate(parts)))
+        for r in opened.values():
+            r.release()
     out = {}
     for key, items in per_pair.items():
         values = [float(M.nanmean(v)) for _, v in items]

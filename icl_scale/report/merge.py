@@ -60,6 +60,10 @@ class JobRecords:
         order = np.argsort(ids, kind="stable")
         return {k: np.concatenate([p[k] for p in parts])[order] for k in keys if k in parts[0]}
 
+    def release(self) -> None:
+        """Drop the decoded shard kept for the next `large` call."""
+        self._cached = None
+
     def has_capture(self) -> bool:
         with safe_open(str(self.shards[0][0]), framework="np") as f:
             return "attn_out" in f.keys()
