@@ -105,13 +105,12 @@ def similarities(recs: dict[str, JobRecords], ft: list[str], task: str, seed: in
     return out, heads
 
 
-def analyze_job(run_dir: Path, h: str, task: str, seed: int, methods: list[str]) -> tuple[dict, dict]:
-    """(results of one task × seed, per-example arrays for the bootstrap). `methods`: the settings
-    that did not fail."""
-    meta = rundir.read_job_meta(run_dir, task, seed)
+def analyze_job(run_dir: Path, task: str, seed: int, meta: dict, recs: dict[str, JobRecords]) -> tuple[dict, dict]:
+    """(results of one task × seed, per-example arrays for the bootstrap). `recs`: the records of
+    the settings that did not fail."""
+    methods = list(recs)
     if not methods:
         return {"n": len(meta["eval_ids"]), "acc": {}, "meta": meta, "ft_logs": {}}, {}
-    recs = {s: JobRecords(rundir.job_dir(run_dir, task, s, seed), h, meta["eval_ids"]) for s in methods}
     small = {s: r.small(("ids", "gold", "pred")) for s, r in recs.items()}
     gold = small[methods[0]]["gold"]
     pred = {s: small[s]["pred"] for s in methods}
@@ -172,19 +171,23 @@ def analyze(run_dir: Path) -> dict:
     failures = [f for f in rundir.read_failures(run_dir) if f["config_hash"] == h]
     tasks = {}
     for task in cfg.data.tasks:
-        per_seed, examples, failed, ok = {}, {}, {}, {}
+        per_seed, examples, failed, recs = {}, {}, {}, {}
         for seed in cfg.data.seeds:
             bad = {f["setting"] for f in failures if f["task"] == task and f["seed"] == seed}
             for s in sorted(bad):
                 failed.setdefault(s, []).append(seed)
-            ok[seed] = [m for m in methods if m not in bad]
-            per_seed[seed], examples[seed] = analyze_job(run_dir, h, task, seed, ok[seed])
+            meta = rundir.read_job_meta(run_dir, task, seed)
+            # each job's shards verified once, here, for the job's figures and the ceilings alike
+            recs[seed] = {m: JobRecords(rundir.job_dir(run_dir, task, m, seed), h, meta["eval_ids"])
+                          for m in methods if m not in bad}
+            per_seed[seed], examples[seed] = analyze_job(run_dir, task, seed, meta, recs[seed])
+            for r in recs[seed].values():
+                r.release()
         names = sorted({n for r in per_seed.values() for n in r.get("layers", {})}, key=str)
         layers = {n: M.nanmean([r["layers"][n] for r in per_seed.values() if n in r.get("layers", {})], axis=0).tolist()
                   for n in names}
         summary = stats(per_seed, examples, methods)
-        for key, c in ceilings(run_dir, h, task, list(cfg.data.seeds), ok,
-                               {s: r["meta"] for s, r in per_seed.items()}).items():
+        for key, c in ceilings(recs, {s: r["meta"] for s, r in per_seed.items()}).items():
             layers[key] = c.pop("layers")
             summary[key] = c
         tasks[task] = {"seeds": {str(s): r for s, r in per_seed.items()}, "summary": summary,

@@ -6,49 +6,41 @@ after draw s and after draw s′. Shown beside ICL vs FT: a similarity is high o
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from icl_scale.report import metrics as M
 from icl_scale.report.keys import Key
 from icl_scale.report.merge import JobRecords
-from icl_scale.runtime import rundir
 from icl_scale.settings import SETTINGS
 
 
-def ceilings(run_dir: Path, h: str, task: str, seeds: list[int], ok: dict[int, list[str]], metas: dict) -> dict:
-    """Noise ceilings from the seeds run: SimAOU, SimAM and SimAM_Δ between the updates of one method
-    after two demonstration draws s < s′ (ICL vs ICL, FT vs FT), for the same examples. Per key:
-    mean over pairs, std over pairs, bootstrap interval over examples, the value of each pair."""
+def ceilings(recs: dict[int, dict[str, JobRecords]], metas: dict[int, dict]) -> dict:
+    """Noise ceilings from the seeds run (`recs`: per seed, the records of the settings that did not
+    fail): SimAOU, SimAM and SimAM_Δ between the updates of one method after two demonstration draws
+    s < s′ (ICL vs ICL, FT vs FT), for the same examples. Per key: mean over pairs, std over pairs,
+    bootstrap interval over examples, the value of each pair."""
+    seeds = list(recs)
     pairs = [(s, t) for k, s in enumerate(seeds) for t in seeds[k + 1:] if metas[s]["eval_ids"] == metas[t]["eval_ids"]]
     per_pair: dict[Key, list] = {}
-    opened: dict[tuple[str, int], JobRecords] = {}
-
-    def open_(setting: str, seed: int) -> JobRecords:   # each job's shards verified once, not once per pair
-        if (setting, seed) not in opened:
-            opened[setting, seed] = JobRecords(rundir.job_dir(run_dir, task, setting, seed), h, metas[seed]["eval_ids"])
-        return opened[setting, seed]
-
     for s, t in pairs:
-        both = [m for m in ok[s] if m in ok[t] and (m == "icl" or SETTINGS[m].finetunes)]
-        if "zsl" not in ok[s] or not both:
+        both = [m for m in recs[s] if m in recs[t] and (m == "icl" or SETTINGS[m].finetunes)]
+        if "zsl" not in recs[s] or not both:
             continue
-        zsl = open_("zsl", s)
+        zsl = recs[s]["zsl"]
         if not zsl.has_capture():
             return {}
-        recs = {m: (open_(m, s), open_(m, t)) for m in both}
+        pair = {m: (recs[s][m], recs[t][m]) for m in both}
         vals: dict[Key, list] = {}
         for chunk in zsl.chunks():
             h_z, m_z = zsl.large(chunk)
-            for m, (a, b) in recs.items():
+            for m, (a, b) in pair.items():
                 (h_a, m_a), (h_b, m_b) = a.large(chunk), b.large(chunk)
                 for key, v in ((Key("ceiling", m), M.simaou(h_z, h_a, h_b)), (Key("ceiling_simam", m), M.simam(m_a, m_b)),
                                (Key("ceiling_simam_delta", m), M.simam_delta(m_z, m_a, m_b))):
                     vals.setdefault(key, []).append(v)
         for key, parts in vals.items():
             per_pair.setdefault(key, []).append((f"{s}-{t}", np.concatenate(parts)))
-        for r in opened.values():
+        for r in [zsl, *(x for ab in pair.values() for x in ab)]:
             r.release()
     out = {}
     for key, items in per_pair.items():
