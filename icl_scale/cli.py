@@ -26,7 +26,7 @@ def _config_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
     p.add_argument("--preset", help=f"start from a preset config: {', '.join(C.presets())} "
                                     "(icl_scale/presets/<name>.yaml)")
     p.add_argument("--config", help="YAML file with any subset of the config tree (sections "
-                                    "model, data, eval, finetune, output, suite); over the preset")
+                                    "model, data, eval, finetune, output, suite, report); over the preset")
     for name, f, typ in C.leaves():
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if typing.get_origin(typ) is tuple:
@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--report-dir", default="reports", help="the report goes to <report-dir>/<run name>/")
     r.add_argument("--compare-reference", action="store_true",
                    help="put the papers' GPT 1.3B figures (DESIGN.md §3) beside each figure")
+    r.add_argument("--report.exclude_diverged", dest="exclude_diverged", default=None, choices=("true", "false"),
+                   help="leave diverged FT runs out of every mean (default: the run's report.exclude_diverged)")
     return ap
 
 
@@ -73,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             from icl_scale.report.render import write_report
             from icl_scale.runtime.progress import console
 
-            write_report(Path(args.run_dir), Path(args.report_dir), console=console(), compare=args.compare_reference)
+            exclude = None if args.exclude_diverged is None else args.exclude_diverged == "true"
+            write_report(Path(args.run_dir), Path(args.report_dir), console=console(), compare=args.compare_reference,
+                         exclude_diverged=exclude)
     except UserError as e:
         print(f"icl-scale: error: {e}", file=sys.stderr)
         return 2

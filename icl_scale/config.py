@@ -23,9 +23,10 @@ from icl_scale.tasks.spec import TASKS
 ALL_TASKS = tuple(TASKS)   # a new TaskSpec in tasks/spec.py is a new choice here
 
 
-def knob(default, help: str, result: bool = True, choices: tuple | None = None, **kw):
-    """A config field; `result=False` marks fields that cannot change any output value."""
-    meta = {"help": help, "result": result, "choices": choices}
+def knob(default, help: str, result: bool = True, choices: tuple | None = None, parse: str | None = None, **kw):
+    """A config field; `result=False` marks fields that cannot change any output value; `parse`
+    names a function of _PARSERS that turns its value into a canonical one."""
+    meta = {"help": help, "result": result, "choices": choices, "parse": parse}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -56,6 +57,8 @@ class DataConfig:
     k: int = knob(32, "demonstrations drawn per (task, seed) before the greedy fit to max_length")
     eval_max: int = knob(2000, "eval examples per task (at most the task's eval size, 2000 for the largest)")
     seeds: tuple[int, ...] = knob((1,), "run seeds (demonstration draw), comma-separated")
+    task_seeds: str = knob("", "per-task seeds over data.seeds, e.g. 'sst2=2,3,4;cb=3,4,5' (a YAML mapping "
+                           "task: [seeds] works too)", parse="task_seeds")
     label_noise: float = knob(0.0, "label switching: fraction of the demonstrations whose label is corrupted "
                               "(the same corrupted set for ICL and FT)")
     label_noise_mode: str = knob("flip", "flip: label y becomes (y+1) mod n_labels; permute: the chosen "
@@ -88,10 +91,23 @@ class FinetuneConfig:
                       choices=("icl", "all"))
     clip: str = knob("none", "gradient clipping of the trained parameters",
                      choices=CLIP_MODES)
-    clip_value: float = knob(1.0, "clipping threshold (L2 norm, or |element| for elem_linf)")
-    lc_clip: str = knob("elem_linf", "clipping of the ft_lc_clip setting (the revisited paper: L-infinity at 12)",
-                        choices=CLIP_MODES[1:])
+    clip_value: float = knob(1.0, "clipping threshold (an L2 norm, or the largest |element| for elem_clamp and "
+                             "linf_rescale)")
+    lc_clip: str = knob("layer_l2", "clipping of the ft_lc_clip setting: global_l2 (the whole gradient's L2 norm), "
+                        "layer_l2 (each layer's L2 norm: the revisited paper's run), elem_clamp (each element to "
+                        "[-v, v]), linf_rescale (the whole gradient scaled so its largest element is v: the paper "
+                        "text's 'L-infinity')", choices=CLIP_MODES[1:])
     lc_clip_value: float = knob(12.0, "clipping threshold of the ft_lc_clip setting")
+    lr_search: bool = knob(False, "select each task's learning rate on a dev split held out of train: the "
+                           "standard-FT model of every grid point (and every seed) scored zero-shot on it; the best "
+                           "mean accuracy wins, ties the smaller rate")
+    lr_grid: tuple[float, ...] = knob((0.01, 0.03, 0.1, 0.3, 1.0, 3.0), "learning-rate search grid, as multiples "
+                                      "of the task's rate (finetune.lrs or the reference's)")
+    lr_dev_size: int = knob(64, "dev examples of the learning-rate search per task (out of train, never an eval "
+                            "example nor any seed's demonstration)")
+    lr_select: str = knob("task", "task: the standard-FT search picks one rate for every FT setting of the task "
+                          "(as in the papers); setting: each FT setting searches with its own loss",
+                          choices=("task", "setting"))
     deepspeed: str = knob("", "DeepSpeed JSON (ds_configs/zero2.json, zero2_offload.json, zero3_offload.json) to "
                           "run finetuning under a ZeRO engine; empty: plain PyTorch on every rank")
 
@@ -118,6 +134,12 @@ class SuiteConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    exclude_diverged: bool = knob(False, "leave FT runs flagged diverged (last loss above the first, or non-finite) "
+                                  "out of every mean and average; they stay flagged in the tables", result=False)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -125,10 +147,11 @@ class RunConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     suite: SuiteConfig = field(default_factory=SuiteConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 _SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "eval": EvalConfig, "finetune": FinetuneConfig,
-                  "output": OutputConfig, "suite": SuiteConfig}
+                  "output": OutputConfig, "suite": SuiteConfig, "report": ReportConfig}
 PRESETS = Path(__file__).parent / "presets"
 
 
@@ -140,8 +163,40 @@ def leaves():
             yield f"{section}.{f.name}", f, hints[f.name]
 
 
-def _coerce(name: str, value, typ, choices):
+def _parse_task_seeds(name: str, value) -> str:
+    """'sst2=2,3,4;cb=3' or {sst2: [2, 3, 4], cb: 3} → the canonical 'sst2=2,3,4;cb=3'."""
+    if isinstance(value, dict):
+        items = [(str(t), v if isinstance(v, (list, tuple)) else [v]) for t, v in value.items()]
+    elif isinstance(value, str):
+        items = []
+        for part in filter(None, (p.strip() for p in value.split(";"))):
+            task, eq, seeds = part.partition("=")
+            if not eq:
+                raise UserError(f"config field {name}: {part!r} is not <task>=<seed>,<seed>,...")
+            items.append((task.strip(), [x.strip() for x in seeds.split(",") if x.strip()]))
+    else:
+        raise UserError(f"config field {name}: {value!r} is not 'task=seeds;...' nor a mapping")
+    out = []
+    for task, seeds in items:
+        if task not in ALL_TASKS:
+            raise UserError(f"config field {name}: unknown task {task!r} (known: {', '.join(ALL_TASKS)})")
+        try:
+            ints = [int(s) for s in seeds if not isinstance(s, bool) and float(s) == int(s)]
+        except (TypeError, ValueError):
+            ints = []
+        if not seeds or len(ints) != len(seeds) or min(ints) < 0 or len(set(ints)) != len(ints):
+            raise UserError(f"config field {name}: task {task}: {seeds!r} is not a list of distinct seeds >= 0")
+        out.append(f"{task}={','.join(map(str, ints))}")
+    return ";".join(out)
+
+
+_PARSERS = {"task_seeds": _parse_task_seeds}
+
+
+def _coerce(name: str, value, typ, choices, parse: str | None = None):
     """Turn a YAML or command-line value into the field's type, or raise a UserError naming the field."""
+    if parse:
+        return _PARSERS[parse](name, value)
     origin = typing.get_origin(typ)
     try:
         if origin is tuple:
@@ -192,7 +247,7 @@ def build(file_values: dict | None = None, overrides: dict | None = None, source
             if name not in known:
                 raise UserError(f"{source}: unknown field {name}")
             f, typ = known[name]
-            kwargs[key] = _coerce(name, v, typ, f.metadata["choices"])
+            kwargs[key] = _coerce(name, v, typ, f.metadata["choices"], f.metadata["parse"])
         parts[section] = cls(**kwargs)
     cfg = RunConfig(**parts)
     validate(cfg)
@@ -211,6 +266,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"config field data.label_noise: {d.label_noise} must be in [0, 1]")
     if not d.seeds:
         raise UserError("config field data.seeds: no seed given")
+    if min(d.seeds) < 0:
+        raise UserError(f"config field data.seeds: {min(d.seeds)} must be >= 0")
     if len(set(d.seeds)) != len(d.seeds):
         raise UserError(f"config field data.seeds: repeated seed in {d.seeds}")
     for item in d.task_sources:
@@ -231,6 +288,16 @@ def validate(cfg: RunConfig) -> None:
             ok = False
         if not ok:
             raise UserError(f"config field finetune.lrs: {item!r} is not <task>=<learning rate > 0>")
+    f = cfg.finetune
+    if not f.lr_grid:
+        raise UserError("config field finetune.lr_grid: no learning-rate multiple given")
+    for m in f.lr_grid:
+        if not (0 < m < float("inf")):
+            raise UserError(f"config field finetune.lr_grid: {m} must be a finite multiple > 0")
+    if len(set(f.lr_grid)) != len(f.lr_grid):
+        raise UserError(f"config field finetune.lr_grid: repeated multiple in {f.lr_grid}")
+    if f.lr_dev_size < 1:
+        raise UserError(f"config field finetune.lr_dev_size: {f.lr_dev_size} must be >= 1")
     if cfg.finetune.clip_value <= 0:
         raise UserError(f"config field finetune.clip_value: {cfg.finetune.clip_value} must be > 0")
     if not 0.0 < cfg.suite.label_switch <= 1.0:
@@ -249,6 +316,15 @@ def source_for(cfg: RunConfig, task: str) -> str:
         if name == task:
             return src
     return cfg.data.source
+
+
+def seeds_for(cfg: RunConfig, task: str) -> tuple[int, ...]:
+    """The task's seeds: data.task_seeds where it names the task, else data.seeds."""
+    for item in filter(None, cfg.data.task_seeds.split(";")):
+        name, _, seeds = item.partition("=")
+        if name == task:
+            return tuple(int(s) for s in seeds.split(","))
+    return cfg.data.seeds
 
 
 def lr_for(cfg: RunConfig, task: str, default: float) -> float:

@@ -2,21 +2,22 @@
 before anything is written, so bad input fails here, and the work never depends on timing.
 
 A job is one task × seed: its eval rows, the prompt each setting scores after (settings.py), the
-finetuning data in order and the learning rate. The schedule says which rank runs which
+finetuning data in order, the learning rate of each FT setting (the task's rate until the
+learning-rate search, lr_search.py, replaces it) and the task's dev rows for that search. The schedule says which rank runs which
 (job, setting): every rank its share of the eval set, or one rank a whole job (`whole`: plain
 PyTorch finetuning, which cannot be split, goes round robin).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from icl_scale import config as C
 from icl_scale.prompts import Encoder, Prompt, fit_prompt, zsl_prompt
 from icl_scale.settings import SETTINGS
 from icl_scale.tasks import get_task
 from icl_scale.tasks.sources import load_source
-from icl_scale.tasks.split import split_task
+from icl_scale.tasks.split import dev_split, split_task
 
 
 @dataclass
@@ -28,8 +29,13 @@ class Job:
     eval_rows: list[dict]
     prompts: dict[str, Prompt]     # per setting: the prompt it scores after
     ft_rows: list[dict]            # finetuning data, in order
-    lr: float
+    lr: float                      # the task's rate (finetune.lrs or the reference's): the search's centre
     meta: dict
+    dev_rows: list[dict] = field(default_factory=list)   # the task's dev split (learning-rate search)
+    lrs: dict[str, float] = field(default_factory=dict)  # per FT setting: the rate it trains with
+
+    def lr_of(self, setting: str) -> float:
+        return self.lrs.get(setting, self.lr)
 
     def ft_sequences(self) -> list[list[int]]:
         """One `<bos> input answer_gold` sequence per finetuning step."""
@@ -45,7 +51,10 @@ def plan(cfg: C.RunConfig, tok, model_max: int) -> list[Job]:
         source = C.source_for(cfg, task)
         src = load_source(spec, source, cfg.data.data_dir, cfg.data.files_dir)
         enc = Encoder(spec, tok)
-        for seed in cfg.data.seeds:
+        seeds = C.seeds_for(cfg, task)
+        dev = (dev_split(spec, src, seeds, cfg.data.k, cfg.finetune.lr_dev_size)
+               if cfg.finetune.lr_search and any(SETTINGS[m].finetunes for m in cfg.eval.methods) else [])
+        for seed in seeds:
             split = split_task(spec, src, seed, cfg.data.k, cfg.data.eval_max, cfg.data.label_noise,
                                cfg.data.label_noise_mode)
             by_kind = {"icl": fit_prompt(enc, split.demos, split.eval_full, max_len), "zsl": zsl_prompt(enc)}
@@ -58,9 +67,10 @@ def plan(cfg: C.RunConfig, tok, model_max: int) -> list[Job]:
                     "prefix_tokens": len(icl.prefix_ids), "max_length": max_len,
                     "label_words": list(spec.label_words), "options": enc.options(),
                     "ft_demo_ids": [r["id"] for r in ft_rows], "ft_lr": lr,
-                    "corrupted_demo_ids": [r["id"] for r in split.demos if r.get("corrupted")]}
+                    "corrupted_demo_ids": [r["id"] for r in split.demos if r.get("corrupted")],
+                    "dev_ids": [r["id"] for r in dev]}
             prompts = {s: by_kind[SETTINGS[s].prompt] for s in cfg.eval.methods}
-            jobs.append(Job(task, seed, enc, split.eval, prompts, ft_rows, lr, meta))
+            jobs.append(Job(task, seed, enc, split.eval, prompts, ft_rows, lr, meta, dev))
     return jobs
 
 

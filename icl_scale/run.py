@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from icl_scale import config as C
+from icl_scale import lr_search
 from icl_scale.capture.shards import ShardWriter, done_ids
 from icl_scale.errors import first_line
 from icl_scale.methods.backend import DeepSpeedBackend, TorchBackend
@@ -81,7 +82,8 @@ def finetune_job(cfg, model, trained, job: Job, setting: str, run_dir: Path, h: 
     spec = SETTINGS[setting]
     clip_mode, clip_value = (getattr(cfg.finetune, name) for name in spec.clip)
     with progress.clock.phase("finetune"):
-        ft_log, deltas = finetune(model, setting, trained, job.ft_sequences(), job.lr, cfg.finetune.optimizer,
+        ft_log, deltas = finetune(model, setting, trained, job.ft_sequences(), job.lr_of(setting),
+                                  cfg.finetune.optimizer,
                                   clip_mode, clip_value, backend)
     weights = None
     if cfg.output.save_ft_weights:   # a collective under ZeRO-3: every rank gathers
@@ -160,6 +162,8 @@ def run(cfg: C.RunConfig, proc: Process | None = None) -> dict | None:
     total = sum(len(job.eval_rows) * len(job.prompts) for job in jobs)
     with Progress(state, run_dir, clock, total=total, jobs=len(work)) as progress:
         log.info("rank %d/%d, model %s, %d jobs", state.process_index, state.num_processes, cfg.model.name, len(jobs))
+        if cfg.finetune.lr_search and finetunes:
+            lr_search.search(cfg, model, trained, jobs, run_dir, h, state, progress, backend)
         for job, setting, owner in work:
             try:
                 run_setting(cfg, model, trained, job, setting, run_dir, h, state, progress, backend, owner)

@@ -38,7 +38,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("ft_lc_clip", "layer-causal FT (clipped)", "zsl", loss="layer_causal", clip=("lc_clip", "lc_clip_value")),
     Setting("ft_lin", "linearized FT", "zsl", loss="linearized", stores="delta"),
 )}
-CLIP_MODES = ("none", "global_l2", "layer_l2", "elem_linf")
+# global_l2: the trained gradient's L2 norm; layer_l2: each layer's L2 norm (the revisited paper's run);
+# elem_clamp: every element to [-v, v]; linf_rescale: the whole gradient scaled so its largest |element| is v
+CLIP_MODES = ("none", "global_l2", "layer_l2", "elem_clamp", "linf_rescale")
 
 
 def ft_settings(names) -> list[str]:

@@ -158,22 +158,34 @@ def test_linearization_is_exact_at_zero_and_second_order(name, attn):
         assert 3.5 < a / b < 4.5, errors
 
 
-def test_clipping_modes():
+def test_clipping_modes_against_hand_computation():
     from icl_scale.methods.finetune import clip_
     from icl_scale.modeling.params import Trained
 
     p = torch.nn.Parameter(torch.zeros(1))
     trained = [Trained("a", p, 0), Trained("b", p, 0), Trained("c", p, 1)]
     grads = [torch.tensor([3.0, 4.0]), torch.tensor([0.0]), torch.tensor([12.0])]   # layer norms 5 and 12
-    g = [x.clone() for x in grads]
-    clip_(trained, g, "global_l2", 6.5)
-    assert abs(sum(float(x.pow(2).sum()) for x in g) ** 0.5 - 6.5) < 1e-6
-    g = [x.clone() for x in grads]
-    clip_(trained, g, "layer_l2", 6.0)
-    assert torch.equal(g[0], grads[0]) and torch.allclose(g[2], torch.tensor([6.0]))
-    g = [x.clone() for x in grads]
-    clip_(trained, g, "elem_linf", 3.5)
-    assert g[0].tolist() == [3.0, 3.5] and g[2].tolist() == [3.5]
+
+    def clipped(how, value):
+        g = [x.clone() for x in grads]
+        return [x.tolist() for x in g], clip_(trained, g, how, value), g
+
+    # global L2: total norm 13 → everything times 6.5/13
+    _, hit, g = clipped("global_l2", 6.5)
+    assert [x.tolist() for x in g] == [[1.5, 2.0], [0.0], [6.0]] and hit == [0, 1]
+    assert clipped("global_l2", 13.5)[1] == []
+    # per-layer L2 at 6: layer 0 (norm 5) untouched, layer 1 (norm 12) halved
+    _, hit, g = clipped("layer_l2", 6.0)
+    assert [x.tolist() for x in g] == [[3.0, 4.0], [0.0], [6.0]] and hit == [1]
+    # element clamp at 3.5: 4 → 3.5 and 12 → 3.5, 3 stays
+    _, hit, g = clipped("elem_clamp", 3.5)
+    assert [x.tolist() for x in g] == [[3.0, 3.5], [0.0], [3.5]] and hit == [0, 1]
+    assert clipped("elem_clamp", 4.0)[1] == [1]
+    # L-infinity rescale at 3: the largest element 12 → 3, everything times 1/4
+    _, hit, g = clipped("linf_rescale", 3.0)
+    assert [x.tolist() for x in g] == [[0.75, 1.0], [0.0], [3.0]] and hit == [0, 1]
+    assert clipped("linf_rescale", 12.0)[1] == []
+    assert clipped("none", 0.1)[1] == []
 
 
 def test_finetune_loop_logs_steps_and_restores_theta0(monkeypatch):
@@ -190,6 +202,10 @@ def test_finetune_loop_logs_steps_and_restores_theta0(monkeypatch):
     assert all(torch.equal(t.param, b) for t, b in zip(trained, before))
     assert log.steps == 2 and log.skipped == 0 and deltas is None
     assert len(log.grad_norms) == 2 and all(len(r) == 3 and min(r) > 0 for r in log.grad_norms)
+    assert log.clipped == [[], []]   # no clipping asked
+    with T.restored(trained):
+        log, _ = T.finetune(model, "ft", trained, seqs, lr=0.1, clip="layer_l2", clip_value=1e-9)
+    assert log.clipped == [[0, 1, 2], [0, 1, 2]]   # every layer's norm is above 1e-9
     log, deltas = T.finetune(model, "ft_lin", trained, seqs, lr=0.1)
     assert all(torch.equal(t.param, b) for t, b in zip(trained, before))  # θ0 never moves
     assert any(d.abs().sum() > 0 for d in deltas)

@@ -31,6 +31,7 @@ class FTLog:
     skipped: int = 0
     losses: list[float] = field(default_factory=list)
     grad_norms: list[list[float]] = field(default_factory=list)   # steps × layers
+    clipped: list[list[int]] = field(default_factory=list)        # per step: the layers the clip changed
 
 
 def _layer_norms(trained: list[Trained], grads: list[torch.Tensor], n_layers: int) -> list[float]:
@@ -41,22 +42,39 @@ def _layer_norms(trained: list[Trained], grads: list[torch.Tensor], n_layers: in
     return [math.sqrt(v) for v in sq]
 
 
-def clip_(trained: list[Trained], grads: list[torch.Tensor], how: str, value: float) -> None:
-    """Clip in place: the global L2 norm, each layer's L2 norm, or every element to [-value, value]."""
+def clip_(trained: list[Trained], grads: list[torch.Tensor], how: str, value: float) -> list[int]:
+    """Clip in place (settings.CLIP_MODES); returns the layers the clip changed (all trained
+    layers when one factor scales the whole gradient), for how often each bound binds."""
     if how == "none":
-        return
-    if how == "elem_linf":
+        return []
+    layers = sorted({t.layer for t in trained if t.layer >= 0})
+    if how == "elem_clamp":
+        hit = set()
+        for t, g in zip(trained, grads):
+            if bool((g.abs() > value).any()):
+                hit.add(t.layer)
+                g.clamp_(-value, value)
+        return sorted(hit & set(layers))
+    if how == "linf_rescale":
+        top = max(float(g.abs().max()) for g in grads)
+        if top <= value:
+            return []
         for g in grads:
-            g.clamp_(-value, value)
-        return
+            g.mul_(value / top)
+        return layers
     groups: dict[int, list[torch.Tensor]] = {}
     for t, g in zip(trained, grads):
-        groups.setdefault(0 if how == "global_l2" else t.layer, []).append(g)
-    for gs in groups.values():
+        groups.setdefault(-1 if how == "global_l2" else t.layer, []).append(g)
+    hit = []
+    for layer, gs in groups.items():
         norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in gs))
         if norm > value:
+            hit.append(layer)
             for g in gs:
                 g.mul_(value / norm)
+    if how == "global_l2":
+        return layers if hit else []
+    return sorted(h for h in hit if h >= 0)
 
 
 def finetune(model, method: str, trained: list[Trained], sequences: list[list[int]], lr: float,
@@ -81,10 +99,11 @@ def finetune(model, method: str, trained: list[Trained], sequences: list[list[in
             log.skipped += 1   # counted and reported, never silent
             log.losses.append(float("nan"))
             log.grad_norms.append([float("nan")] * n_layers)
+            log.clipped.append([])
             continue
         log.losses.append(float(loss.detach()))
         log.grad_norms.append(_layer_norms(trained, grads, n_layers))
-        clip_(trained, grads, clip, clip_value)
+        log.clipped.append(clip_(trained, grads, clip, clip_value))
         backend.apply(trained, grads, opt, deltas)
     model.eval()
     return log, deltas

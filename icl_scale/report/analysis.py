@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from icl_scale import config as C
 from icl_scale.report import metrics as M
 from icl_scale.report.ceilings import ceilings
 from icl_scale.report.keys import RPA_LABELS, Key
@@ -135,8 +136,11 @@ def analyze_job(run_dir: Path, task: str, seed: int, meta: dict, recs: dict[str,
     return res, examples
 
 
-def stats(per_seed: dict[int, dict], examples: dict[int, dict], methods: list[str]) -> dict[str, dict]:
-    """Every headline figure over seeds: per-seed values, mean ± std, bootstrap 95% interval."""
+def stats(per_seed: dict[int, dict], examples: dict[int, dict], methods: list[str],
+          left_out: dict[str, list[int]] | None = None) -> dict[str, dict]:
+    """Every headline figure over seeds: per-seed values, mean ± std, bootstrap 95% interval.
+    `left_out`: per setting, seeds whose runs no figure of that setting may use (diverged runs)."""
+    left_out = left_out or {}
     ft = ft_settings(methods)
     seeds = sorted(per_seed)
     figures: dict[Key, tuple] = {}   # key -> (value of one seed's results, per-example fields, statistic)
@@ -153,7 +157,8 @@ def stats(per_seed: dict[int, dict], examples: dict[int, dict], methods: list[st
         figures[name] = (lambda r, n=name: r["similarity"][n], (name,), lambda a: float(M.nanmean(a[0])))
     out = {}
     for key, (value, fields, stat) in figures.items():
-        have = [s for s in seeds if all(f in examples[s] for f in fields)]   # a failed setting: left out
+        have = [s for s in seeds if all(f in examples[s] for f in fields)   # a failed setting: left out
+                and not any(s in left_out.get(m, ()) for m in key.settings)]
         if not have:
             continue
         vals = [value(per_seed[s]) for s in have]
@@ -163,16 +168,19 @@ def stats(per_seed: dict[int, dict], examples: dict[int, dict], methods: list[st
     return out
 
 
-def analyze(run_dir: Path) -> dict:
-    """All results of a run (JSON-ready)."""
+def analyze(run_dir: Path, exclude_diverged: bool | None = None) -> dict:
+    """All results of a run (JSON-ready). Diverged FT runs are flagged; with `exclude_diverged`
+    (default: the run's report.exclude_diverged) no mean uses them."""
     run_dir = Path(run_dir)
     cfg, h = rundir.read_config(run_dir)
+    if exclude_diverged is None:
+        exclude_diverged = cfg.report.exclude_diverged
     methods = list(cfg.eval.methods)
     failures = [f for f in rundir.read_failures(run_dir) if f["config_hash"] == h]
     tasks = {}
     for task in cfg.data.tasks:
         per_seed, examples, failed, recs = {}, {}, {}, {}
-        for seed in cfg.data.seeds:
+        for seed in C.seeds_for(cfg, task):
             bad = {f["setting"] for f in failures if f["task"] == task and f["seed"] == seed}
             for s in sorted(bad):
                 failed.setdefault(s, []).append(seed)
@@ -186,11 +194,18 @@ def analyze(run_dir: Path) -> dict:
         names = sorted({n for r in per_seed.values() for n in r.get("layers", {})}, key=str)
         layers = {n: M.nanmean([r["layers"][n] for r in per_seed.values() if n in r.get("layers", {})], axis=0).tolist()
                   for n in names}
-        summary = stats(per_seed, examples, methods)
+        flagged: dict[str, list[int]] = {}
+        for seed, r in per_seed.items():
+            for f, log in r["ft_logs"].items():
+                if M.diverged(log):
+                    flagged.setdefault(f, []).append(seed)
+        summary = stats(per_seed, examples, methods, flagged if exclude_diverged else None)
         for key, c in ceilings(recs, {s: r["meta"] for s, r in per_seed.items()}).items():
             layers[key] = c.pop("layers")
             summary[key] = c
         tasks[task] = {"seeds": {str(s): r for s, r in per_seed.items()}, "summary": summary,
-                       "layers": layers, "failed": failed}
+                       "layers": layers, "failed": failed, "diverged": flagged,
+                       "lr_search": rundir.read_lr_search(run_dir, task)}
     return {"run_dir": str(run_dir), "config_hash": h, "config": cfg, "methods": methods,
-            "ft_settings": ft_settings(methods), "tasks": tasks, "failures": failures}
+            "ft_settings": ft_settings(methods), "tasks": tasks, "failures": failures,
+            "exclude_diverged": exclude_diverged}

@@ -7,6 +7,8 @@ tokens, which are the same tokens in every setting).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -219,3 +221,11 @@ def bootstrap_ci(per_seed: list, stat, n: int = BOOTSTRAP, seed: int = 0, level:
         return float("nan"), float("nan")
     lo, hi = np.percentile(draws, [50 * (1 - level), 100 - 50 * (1 - level)])
     return float(lo), float(hi)
+
+
+def diverged(log: dict) -> bool:
+    """An FT run that did not learn: a non-finite loss (a skipped step) or a last loss above the first."""
+    losses = log["losses"]
+    if not losses or log.get("skipped") or not all(math.isfinite(x) for x in losses):
+        return bool(losses)
+    return losses[-1] > losses[0]

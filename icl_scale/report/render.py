@@ -23,7 +23,7 @@ from icl_scale.report.analysis import analyze
 from icl_scale.report.plots import figures
 from icl_scale.report.provenance import provenance
 from icl_scale.report.tables import (Table, changes_table, excess_sentences, failure_table, finetune_table,
-                                     interval_table, layer_table, paper_tables)
+                                     interval_table, layer_table, lr_search_table, paper_tables)
 
 
 def md_table(t: Table, level: str = "##") -> list[str]:
@@ -48,7 +48,7 @@ def markdown(results: dict, tables: list[Table], figs: list[tuple[str, str]], pr
         out += ["## Does ICL's update align with FT's beyond geometry?", "",
                 "SimAOU minus SimAOU of shuffled pairs (the FT update of another example of the same task and "
                 "seed), per task with a bootstrap 95% interval over examples:", "", *excess, ""]
-    for t in (changes_table(results), finetune_table(results)):
+    for t in (changes_table(results), lr_search_table(results), finetune_table(results)):
         if t:
             out += md_table(t)
     failed = failure_table(results)
@@ -112,11 +112,12 @@ def _json_ready(x):
     return x
 
 
-def write_report(run_dir: Path, report_dir: Path, console=None, compare: bool = False) -> dict:
+def write_report(run_dir: Path, report_dir: Path, console=None, compare: bool = False,
+                 exclude_diverged: bool | None = None) -> dict:
     """Build the report of run_dir under report_dir/<run name>/ (swapped in whole: a failed report
     leaves the previous one as it was), print its summary; return the analysis results."""
     run_dir = Path(run_dir)
-    results = analyze(run_dir)
+    results = analyze(run_dir, exclude_diverged)
     tables = paper_tables(results, compare)
     final = Path(report_dir) / run_dir.name
     with atomic.directory(final) as tmp:

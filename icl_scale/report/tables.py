@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from icl_scale.report import metrics as M
 from icl_scale.report.keys import MAP_LABELS, RPA_LABELS, SIMAOU_PARTS, Key
 from icl_scale.report.reference import MODEL as REFERENCE_MODEL, MODEL_IDS, reference, reference_average
 from icl_scale.settings import SETTINGS
@@ -28,15 +29,22 @@ def fmt(x: float | None, digits: int = 4) -> str:
     return "–" if _nan(x) else f"{x:.{digits}f}"
 
 
-def cell(task_results: dict, key: Key, task: str, compare: bool) -> str:
+def _seeds_of(task_results: dict, what: str, key: Key) -> list[int]:
+    return sorted({seed for setting in key.settings for seed in task_results.get(what, {}).get(setting, [])})
+
+
+def cell(task_results: dict, key: Key, task: str, compare: bool, excluded: bool = False) -> str:
+    """mean ± std over seeds, with the seeds whose runs failed or diverged named beside it."""
     s = task_results["summary"].get(key)
-    failed = sorted({seed for setting in key.settings for seed in task_results.get("failed", {}).get(setting, [])})
+    failed, diverged = _seeds_of(task_results, "failed", key), _seeds_of(task_results, "diverged", key)
     if s is None or _nan(s["mean"]):
-        text = "failed" if failed else "–"
+        text = "failed" if failed else ("diverged" if diverged else "–")
     else:
         text = fmt(s["mean"]) + (f" ± {fmt(s['std'])}" if len(s["per_seed"]) > 1 else "")
         if failed:
             text += " (seed " + ", ".join(map(str, failed)) + " failed)"
+    if diverged:
+        text += " (seed " + ", ".join(map(str, diverged)) + " diverged" + (", left out" if excluded else "") + ")"
     if compare:
         held_out = any(r["meta"]["eval_from_train"] for r in task_results["seeds"].values())
         text += f" ({fmt(reference(key, task))})" + (" †" if held_out else "")
@@ -44,8 +52,12 @@ def cell(task_results: dict, key: Key, task: str, compare: bool) -> str:
 
 
 def average_cell(results: dict, key: Key, tasks: list[str], compare: bool) -> str:
-    """Our average over tasks; comparing, the papers' average and ours over the same tasks as theirs."""
+    """Our average over tasks (naming them where some have no value); comparing, the papers'
+    average and ours over the same tasks as theirs."""
     text = fmt(task_average(results, key))
+    over = averaged_over(results, key)
+    if over and len(over) < len(tasks):
+        text += f" (over {', '.join(over)})"
     if compare:
         theirs, have = reference_average(key, tasks)
         if have and len(have) < len(tasks):
@@ -54,6 +66,11 @@ def average_cell(results: dict, key: Key, tasks: list[str], compare: bool) -> st
         else:
             text += f" ({fmt(theirs)})"
     return text
+
+
+def averaged_over(results: dict, key: Key) -> list[str]:
+    """The tasks an average of `key` is taken over: those with a value."""
+    return [t for t, r in results["tasks"].items() if key in r["summary"] and not _nan(r["summary"][key]["mean"])]
 
 
 def task_average(results: dict, key: Key, tasks: list[str] | None = None) -> float:
@@ -102,8 +119,13 @@ def metric_table(results: dict, title: str, keys: list[Key], caption: str, compa
     keys = [k for k in with_parts(keys) if any(k in results["tasks"][t]["summary"] for t in tasks)]
     if not keys:
         return None
-    rows = [[k.label] + [cell(results["tasks"][t], k, t, compare) for t in tasks] + [average_cell(results, k, tasks, compare)]
-            for k in keys]
+    excluded = results.get("exclude_diverged", False)
+    rows = [[k.label] + [cell(results["tasks"][t], k, t, compare, excluded) for t in tasks]
+            + [average_cell(results, k, tasks, compare)] for k in keys]
+    caption += (" Averages: over every task, or over the tasks named in the cell." +
+                (" Diverged FT runs (last loss above the first, or non-finite) are left out of every mean."
+                 if excluded else " Diverged FT runs (last loss above the first, or non-finite) are flagged and "
+                 "included; `--report.exclude_diverged` leaves them out."))
     if compare:
         caption += (f" In parentheses: the paper's figure ({REFERENCE_MODEL}), – where it has none; where the paper "
                     "reports fewer tasks, the average column compares over its tasks only. The paper's RPA is its "
@@ -116,8 +138,9 @@ def metric_table(results: dict, title: str, keys: list[Key], caption: str, compa
 
 def paper_tables(results: dict, compare: bool = False) -> list[Table]:
     ft, cfg = results["ft_settings"], results["config"]
-    seeds = len(cfg.data.seeds)
-    spread = f" Mean over {seeds} seeds ± standard deviation." if seeds > 1 else " One seed."
+    counts = sorted({len(t["seeds"]) for t in results["tasks"].values()})
+    seeds = "–".join(map(str, dict.fromkeys([counts[0], counts[-1]])))
+    spread = f" Mean over {seeds} seeds ± standard deviation." if counts[-1] > 1 else " One seed."
     out = [metric_table(
         results, "Accuracy and prediction alignment",
         [Key("acc", m) for m in results["methods"]] + [Key("rec2ftp", f) for f in ft]
@@ -242,7 +265,7 @@ def changes_table(results: dict) -> Table | None:
         return None
     rows = [[task, SETTINGS[f].label] + [str(c[k]) for k in CHANGE_COLUMNS] + [str(sum(c.values()))]
             for (task, f), c in totals.items()]
-    n_seeds = len(results["config"].data.seeds)
+    n_seeds = max(len(t["seeds"]) for t in results["tasks"].values())
     return Table("Changed predictions", ["task", "FT setting", *CHANGE_COLUMNS.values(), "changed"], rows,
                  f"Eval examples whose prediction ICL or FT changed from ZSL, summed over {n_seeds} seed(s): changed by "
                  "one of them only or by both, and whether the new prediction is correct. RPA is both / changed.")
@@ -258,6 +281,18 @@ def failure_table(results: dict) -> Table | None:
                  "These jobs failed and were left out; the others ran. Rerunning the same command retries them.")
 
 
+def clip_rates(log: dict) -> tuple[float, float] | None:
+    """How often the clip bound: the fraction of (finite) steps it changed, and of their
+    step × layer pairs."""
+    if log["clip"] == "none" or "clipped" not in log:
+        return None
+    steps = [(c, n) for c, n in zip(log["clipped"], log["grad_norms"]) if all(not _nan(x) for x in n)]
+    if not steps:
+        return None
+    pairs = sum(len(n) for _, n in steps)
+    return sum(bool(c) for c, _ in steps) / len(steps), sum(len(c) for c, _ in steps) / pairs
+
+
 def finetune_table(results: dict) -> Table | None:
     rows = []
     for task, tr in results["tasks"].items():
@@ -265,10 +300,48 @@ def finetune_table(results: dict) -> Table | None:
             for f, log in r["ft_logs"].items():
                 losses = [x for x in log["losses"] if not _nan(x)]
                 clip = "none" if log["clip"] == "none" else f"{log['clip']} at {log['clip_value']}"
-                rows.append([task, seed, SETTINGS[f].label, f"{log['lr']:g}", clip, str(log["steps"]), str(log["skipped"]),
-                             fmt(losses[0]) if losses else "–", fmt(losses[-1]) if losses else "–"])
+                rates = clip_rates(log)
+                bound = "–" if rates is None else f"{rates[0]:.0%} / {rates[1]:.0%}"
+                rows.append([task, seed, SETTINGS[f].label, f"{log['lr']:g}", clip, bound, str(log["steps"]),
+                             str(log["skipped"]), fmt(losses[0]) if losses else "–", fmt(losses[-1]) if losses else "–",
+                             "**diverged**" if M.diverged(log) else "no"])
     if not rows:
         return None
-    return Table("Finetuning runs", ["task", "seed", "setting", "lr", "clipping", "steps", "skipped", "first loss",
-                                     "last loss"], rows,
-                 "Skipped: steps with a non-finite loss or gradient, counted, never silent.")
+    n = sum(row[-1] != "no" for row in rows)
+    return Table("Finetuning runs", ["task", "seed", "setting", "lr", "clipping", "clip bound: steps / layers",
+                                     "steps", "skipped", "first loss", "last loss", "diverged"], rows,
+                 "Skipped: steps with a non-finite loss or gradient, counted, never silent. Clip bound: the share of "
+                 "steps the clip changed, and of step × layer pairs it scaled. Diverged: the last loss is above the "
+                 f"first, or a loss was non-finite ({n} of {len(rows)} runs); every figure from such a run is flagged.")
+
+
+def lr_search_table(results: dict) -> Table | None:
+    """The learning-rate search of each task: every grid point's dev accuracy and final loss."""
+    searches = {t: r["lr_search"] for t, r in results["tasks"].items() if r.get("lr_search")}
+    if not searches:
+        return None
+    multiples = list(dict.fromkeys(g["multiple"] for s in searches.values() for sr in s["searches"].values()
+                                   for g in sr["grid"]))
+    rows = []
+    for task, s in searches.items():
+        for setting, sr in s["searches"].items():
+            by = {g["multiple"]: g for g in sr["grid"]}
+            cells = []
+            for m in multiples:
+                g = by.get(m)
+                if g is None:
+                    cells.append("–")
+                    continue
+                text = f"{g['dev_accuracy']:.3f} / {fmt(g['final_loss'], 2)}" + ("" if g["finite"] else " (non-finite)")
+                cells.append(f"**{text}**" if m == sr["chosen_multiple"] else text)
+            rows.append([task, SETTINGS[setting].label, f"{s['base_lr']:g}", f"{s['dev_size']} × {len(s['seeds'])}",
+                         *cells, f"{sr['chosen_lr']:g}"])
+    select = next(iter(searches.values()))["select"]
+    applies = ("the rate chosen by standard FT is used by every FT setting of the task (as in the papers)"
+               if select == "task" else "each FT setting uses the rate its own search chose")
+    return Table("Learning-rate selection", ["task", "searched with", "task rate", "dev examples × seeds",
+                                             *[f"×{m:g}" for m in multiples], "chosen lr"], rows,
+                 "Each grid point: the model finetuned on each seed's demonstrations at that multiple of the task's "
+                 "rate, scored zero-shot on a dev split held out of train (no eval example, no seed's demonstration): "
+                 "dev accuracy pooled over seeds / mean last loss; bold: chosen (best accuracy among finite runs, "
+                 f"ties the smaller rate); {applies}.")

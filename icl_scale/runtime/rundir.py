@@ -97,6 +97,34 @@ def read_ft_log(run_dir: Path, task: str, setting: str, seed: int) -> dict | Non
     return json.loads(p.read_text()) if p.is_file() else None
 
 
+def lr_point_path(run_dir: Path, task: str, setting: str, index: int, seed: int) -> Path:
+    return run_dir / "lr_search" / task / setting / f"m{index}_seed{seed}.json"
+
+
+def write_lr_point(run_dir: Path, record: dict, config_hash: str) -> None:
+    """One grid point of the learning-rate search (lr_search.py)."""
+    path = lr_point_path(run_dir, record["task"], record["setting"], record["index"], record["seed"])
+    atomic.write_json(path, record | {"config_hash": config_hash})
+
+
+def read_lr_point(run_dir: Path, task: str, setting: str, index: int, seed: int, config_hash: str) -> dict | None:
+    """The point's record if this config wrote it, else None (to be run)."""
+    p = lr_point_path(run_dir, task, setting, index, seed)
+    if not p.is_file():
+        return None
+    record = json.loads(p.read_text())
+    return record if record.get("config_hash") == config_hash else None
+
+
+def write_lr_search(run_dir: Path, task: str, summary: dict) -> None:
+    atomic.write_json(run_dir / "lr_search" / f"{task}.json", summary)
+
+
+def read_lr_search(run_dir: Path, task: str) -> dict | None:
+    p = run_dir / "lr_search" / f"{task}.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
 def ft_weights_path(run_dir: Path, task: str, setting: str, seed: int) -> Path:
     return run_dir / "ft" / task / setting / f"seed{seed}.safetensors"
 

@@ -3,7 +3,10 @@
 - eval: the eval split shuffled with the fixed seed 1, first `spec.eval_size` rows, then the
   first `eval_max` of those; with no eval split, that held-out set comes out of train instead and
   demonstrations are never drawn from it;
-- demonstrations: the remaining train pool shuffled with the run seed, first k.
+- demonstrations: the remaining train pool shuffled with the run seed, first k;
+- dev (learning-rate selection): what the pool keeps after every seed's k demonstrations are
+  taken out, shuffled with the fixed seed 2, first `size` — disjoint from eval and from every
+  seed's demonstrations.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from icl_scale.tasks.sources import SourceRows
 from icl_scale.tasks.spec import TaskSpec
 
 EVAL_SHUFFLE_SEED = 1
+DEV_SHUFFLE_SEED = 2
 
 
 @dataclass
@@ -50,8 +54,7 @@ def corrupt_labels(demos: list[dict], n_labels: int, fraction: float, mode: str,
     return out
 
 
-def split_task(spec: TaskSpec, src: SourceRows, seed: int, k: int, eval_max: int,
-               label_noise: float = 0.0, label_noise_mode: str = "flip") -> TaskSplit:
+def _eval_and_pool(spec: TaskSpec, src: SourceRows) -> tuple[list[dict], list[dict]]:
     if src.eval is None:
         held = shuffled(src.train, EVAL_SHUFFLE_SEED)
         size = min(spec.eval_size, len(held) // 2)
@@ -61,9 +64,26 @@ def split_task(spec: TaskSpec, src: SourceRows, seed: int, k: int, eval_max: int
         eval_full, pool = shuffled(src.eval, EVAL_SHUFFLE_SEED)[: spec.eval_size], src.train
     if not eval_full:
         raise UserError(f"task {spec.name}: eval split is empty")
+    return eval_full, pool
+
+
+def split_task(spec: TaskSpec, src: SourceRows, seed: int, k: int, eval_max: int,
+               label_noise: float = 0.0, label_noise_mode: str = "flip") -> TaskSplit:
+    eval_full, pool = _eval_and_pool(spec, src)
     if k > len(pool):
         raise UserError(f"config field data.k: {k} is larger than task {spec.name}'s demonstration pool ({len(pool)})")
     demos = shuffled(pool, seed)[:k]
     if label_noise > 0:
         demos = corrupt_labels(demos, len(spec.label_words), label_noise, label_noise_mode, seed)
     return TaskSplit(eval_full, eval_full[:eval_max], demos, src.eval is None)
+
+
+def dev_split(spec: TaskSpec, src: SourceRows, seeds, k: int, size: int) -> list[dict]:
+    """The dev rows of learning-rate selection: never an eval row nor any seed's demonstration."""
+    _, pool = _eval_and_pool(spec, src)
+    taken = {r["id"] for seed in seeds for r in shuffled(pool, seed)[:k]}
+    rest = [r for r in pool if r["id"] not in taken]
+    if size > len(rest):
+        raise UserError(f"config field finetune.lr_dev_size: {size} is larger than what task {spec.name}'s train pool "
+                        f"keeps after the demonstrations of seeds {', '.join(map(str, seeds))} ({len(rest)})")
+    return shuffled(rest, DEV_SHUFFLE_SEED)[:size]
