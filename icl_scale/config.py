@@ -40,7 +40,8 @@ class ModelConfig:
     dtype: str = knob("float32", "parameter dtype", choices=("float32", "bfloat16", "float16"))
     max_length: int = knob(2048, "max prompt length in tokens (capped by the model's own maximum)")
     cache_dir: str = knob("~/.cache/icl_scale", "where converted offline models are kept", result=False)
-    untrained: bool = knob(False, "untrained-model control: attention and MLP weights re-initialised (seed 0), "
+    untrained: bool = knob(False, "untrained-model control: attention and MLP weights re-initialised with each "
+                           "run seed (one random network per seed), "
                            "embeddings and norms kept")
 
 
@@ -325,6 +326,14 @@ def seeds_for(cfg: RunConfig, task: str) -> tuple[int, ...]:
         if name == task:
             return tuple(int(s) for s in seeds.split(","))
     return cfg.data.seeds
+
+
+def describe_seeds(cfg: RunConfig) -> str:
+    """'1, 2, 3', or per task where data.task_seeds sets them: 'sst2 2, 3, 4; cb 3, 4, 5'."""
+    per_task = {t: seeds_for(cfg, t) for t in cfg.data.tasks}
+    if len(set(per_task.values())) == 1:
+        return ", ".join(map(str, next(iter(per_task.values()))))
+    return "; ".join(f"{t} {', '.join(map(str, s))}" for t, s in per_task.items())
 
 
 def lr_for(cfg: RunConfig, task: str, default: float) -> float:

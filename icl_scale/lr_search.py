@@ -53,9 +53,15 @@ def points(cfg, jobs: list[Job]) -> list[Point]:
             for i, m in enumerate(cfg.finetune.lr_grid)]
 
 
-def run_point(cfg, model, trained, point: Point, backend, progress) -> dict:
+def work(cfg, jobs: list[Job], ranks_per_point: int) -> int:
+    """Dev queries the search scores over all ranks (for the overall progress bar)."""
+    return sum(len(p.job.dev_rows) for p in points(cfg, jobs)) * ranks_per_point
+
+
+def run_point(cfg, model, trained, point: Point, backend, progress, network) -> dict:
     """Finetune for one grid point, score the dev rows zero-shot, put θ0 back; the point's record."""
     job, spec = point.job, SETTINGS[point.setting]
+    network.use(job.seed)
     clip_mode, clip_value = (getattr(cfg.finetune, name) for name in spec.clip)
     prefix = zsl_prompt(job.enc).prefix_ids
     options = job.enc.options()
@@ -81,7 +87,7 @@ def run_point(cfg, model, trained, point: Point, backend, progress) -> dict:
             "steps": log.steps, "skipped": log.skipped, "finite": bool(finite)}
 
 
-def search(cfg, model, trained, jobs: list[Job], run_dir, h: str, state, progress, backend) -> None:
+def search(cfg, model, trained, jobs: list[Job], run_dir, h: str, state, progress, backend, network) -> None:
     """Run every grid point not yet recorded, then set each job's per-setting rates (job.lrs) and,
     on the main process, write each task's selection (lr_search/<task>.json)."""
     todo = points(cfg, jobs)
@@ -89,13 +95,18 @@ def search(cfg, model, trained, jobs: list[Job], run_dir, h: str, state, progres
         have = rundir.read_lr_point(run_dir, point.job.task, point.setting, point.index, point.job.seed, h)
         if backend.collective:   # every rank runs the point if any rank lacks it
             if dist.all_max(state, int(have is None)) == 0:
+                progress.start(f"lr search {point.name}", len(point.job.dev_rows), done=len(point.job.dev_rows))
                 continue
-            record = run_point(cfg, model, trained, point, backend, progress)
+            record = run_point(cfg, model, trained, point, backend, progress, network)
             if state.is_main_process:
                 rundir.write_lr_point(run_dir, record, h)
-        elif have is None and n % state.num_processes == state.process_index:
+        elif n % state.num_processes != state.process_index:
+            continue
+        elif have is not None:
+            progress.start(f"lr search {point.name}", len(point.job.dev_rows), done=len(point.job.dev_rows))
+        else:
             try:
-                record = run_point(cfg, model, trained, point, backend, progress)
+                record = run_point(cfg, model, trained, point, backend, progress, network)
             except (RuntimeError, MemoryError) as e:   # a failed point cannot win; the others go on
                 model.eval()
                 record = {"task": point.job.task, "setting": point.setting, "seed": point.job.seed,

@@ -68,7 +68,8 @@ def plan(cfg: C.RunConfig, tok, model_max: int) -> list[Job]:
                     "label_words": list(spec.label_words), "options": enc.options(),
                     "ft_demo_ids": [r["id"] for r in ft_rows], "ft_lr": lr,
                     "corrupted_demo_ids": [r["id"] for r in split.demos if r.get("corrupted")],
-                    "dev_ids": [r["id"] for r in dev]}
+                    "dev_ids": [r["id"] for r in dev],
+                    "untrained_init_seed": seed if cfg.model.untrained else None}
             prompts = {s: by_kind[SETTINGS[s].prompt] for s in cfg.eval.methods}
             jobs.append(Job(task, seed, enc, split.eval, prompts, ft_rows, lr, meta, dev))
     return jobs

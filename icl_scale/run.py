@@ -32,7 +32,7 @@ from icl_scale.methods.backend import DeepSpeedBackend, TorchBackend
 from icl_scale.methods.evaluate import PrefixCache, score_batch
 from icl_scale.methods.finetune import finetune, restored
 from icl_scale.methods.linearized import LinearizedForward, check_linearizable
-from icl_scale.modeling.load import load_model, max_positions
+from icl_scale.modeling.load import SeededNetwork, load_model, max_positions
 from icl_scale.modeling.params import Trained, partitioned, trained_params
 from icl_scale.plan import Job, plan, schedule
 from icl_scale.runtime import dist, rundir
@@ -44,7 +44,7 @@ log = logging.getLogger("icl_scale")
 
 
 def run_setting(cfg, model, trained: list[Trained], job: Job, setting: str, run_dir: Path, h: str, state, progress,
-                backend, owner: int | None = None) -> None:
+                backend, network: SeededNetwork, owner: int | None = None) -> None:
     """Evaluate one setting of a job on this rank's share (finetuning first for FT settings).
     Under ZeRO-3 every forward is a collective: all ranks finetune if any rank has work left, and
     score the same number of queries (the shorter shares padded with discarded ones)."""
@@ -61,6 +61,7 @@ def run_setting(cfg, model, trained: list[Trained], job: Job, setting: str, run_
     progress.start(f"{job.task}/{setting} seed {job.seed}", total=len(share), done=len(share) - len(todo))
     filler = (share or job.eval_rows)[0]
     if steps:
+        network.use(job.seed)
         spec = SETTINGS[setting]
         prefix = job.prompts[setting].prefix_ids
         if spec.finetunes:
@@ -157,16 +158,20 @@ def run(cfg: C.RunConfig, proc: Process | None = None) -> dict | None:
                    DeepSpeedBackend(accelerator, model, trained, cfg.finetune.optimizer))
     # Plain PyTorch: no collective inside a job, so a failing job is recorded and skipped, and each
     # FT job goes whole to one rank. Under DeepSpeed every rank takes part in every FT step.
+    network = SeededNetwork(model, cfg.model.untrained, after=lambda: backend.resync(trained))
     tolerant = not backend.collective
     work = schedule(jobs, state.num_processes, whole_ft_jobs=tolerant)
     total = sum(len(job.eval_rows) * len(job.prompts) for job in jobs)
+    searching = cfg.finetune.lr_search and finetunes
+    if searching:
+        total += lr_search.work(cfg, jobs, state.num_processes if backend.collective else 1)
     with Progress(state, run_dir, clock, total=total, jobs=len(work)) as progress:
         log.info("rank %d/%d, model %s, %d jobs", state.process_index, state.num_processes, cfg.model.name, len(jobs))
-        if cfg.finetune.lr_search and finetunes:
-            lr_search.search(cfg, model, trained, jobs, run_dir, h, state, progress, backend)
+        if searching:
+            lr_search.search(cfg, model, trained, jobs, run_dir, h, state, progress, backend, network)
         for job, setting, owner in work:
             try:
-                run_setting(cfg, model, trained, job, setting, run_dir, h, state, progress, backend, owner)
+                run_setting(cfg, model, trained, job, setting, run_dir, h, state, progress, backend, network, owner)
                 rundir.clear_failure(run_dir, job.task, setting, job.seed, state.process_index)
             except (RuntimeError, MemoryError) as e:
                 if not tolerant:

@@ -65,6 +65,6 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             "the same corrupted set for ICL and FT.",
             sets=(("data.label_noise", "@suite.label_switch"),)),
     Variant("untrained", "Untrained-model control",
-            "Attention and MLP weights re-initialised (seed 0); embeddings and norms kept.",
+            "Attention and MLP weights re-initialised with each run seed; embeddings and norms kept.",
             sets=(("model.untrained", True),)),
 )}

@@ -39,7 +39,7 @@ def suite_markdown(cfg: C.RunConfig, results_of: dict[str, dict]) -> str:
     name = Path(cfg.output.run_dir).name
     out = [f"# icl_scale suite `{name}`", "",
            f"Model `{cfg.model.name}` · tasks {', '.join(cfg.data.tasks)} · seeds "
-           f"{', '.join(map(str, cfg.data.seeds))} · settings {', '.join(cfg.eval.methods)}", "",
+           f"{C.describe_seeds(cfg)} · settings {', '.join(cfg.eval.methods)}", "",
            "Each variant is a run of its own; its full report (per-task intervals, per-layer tables, figures, "
            "CSV, JSON, provenance) is linked below.", ""]
     if len(results_of) > 1:

@@ -35,11 +35,14 @@ def merge_job(job_dir: Path, config_hash: str, expected_ids: list[int], keys=SMA
 
 def run_records(run_dir: Path) -> dict:
     """{(task, setting, seed): merged records} of a finished run."""
+    from icl_scale import config as C
+
     run = load_run(run_dir)
     cfg = run["config"]
+    typed = C.build(cfg)
     out = {}
     for task in cfg["data"]["tasks"]:
-        for seed in cfg["data"]["seeds"]:
+        for seed in C.seeds_for(typed, task):
             meta = json.loads(job_meta_path(run_dir, task, seed).read_text())
             for setting in cfg["eval"]["methods"]:
                 out[task, setting, seed] = merge_job(job_dir(run_dir, task, setting, seed), run["config_hash"],

@@ -30,6 +30,17 @@ CASES = [
     (["--preset", "huge"], "option --preset: 'huge' is not one of paper, reference, smoke"),
     (["--suite.variants", "base,noisy"], "config field suite.variants: 'noisy'"),
     (["--suite.label_switch", "0"], "suite.label_switch"),
+    (["--finetune.lr_grid", ""], "config field finetune.lr_grid: no learning-rate multiple"),
+    (["--finetune.lr_grid", "0.1,-1"], "config field finetune.lr_grid: -1.0 must be a finite multiple > 0"),
+    (["--finetune.lr_grid", "0.1,inf"], "config field finetune.lr_grid: inf must be"),
+    (["--finetune.lr_grid", "0.1,0"], "config field finetune.lr_grid: 0.0 must be"),
+    (["--finetune.lr_dev_size", "0"], "config field finetune.lr_dev_size"),
+    (["--eval.methods", "ft", "--finetune.lr_search", "true", "--finetune.lr_dev_size", "100000"],
+     "config field finetune.lr_dev_size: 100000 is larger than what task cb's train pool keeps"),
+    (["--data.task_seeds", "imdb=1,2"], "config field data.task_seeds: unknown task 'imdb'"),
+    (["--data.task_seeds", "cb=1,x"], "config field data.task_seeds: task cb"),
+    (["--data.task_seeds", "cb"], "config field data.task_seeds: 'cb' is not"),
+    (["--data.seeds", "-5"], "config field data.seeds: -5 must be >= 0"),
 ]
 
 

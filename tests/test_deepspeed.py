@@ -15,7 +15,9 @@ from helpers import assert_same_records, run_records
 
 ARGS = ["run", "--model.name", "tiny-llama", "--data.tasks", "cb,sst2", "--data.k", "6", "--data.eval_max", "5",
         "--eval.methods", "ft,ft_lc,ft_lin", "--model.max_length", "1500", "--finetune.clip", "layer_l2",
-        "--finetune.clip_value", "0.5", "--output.save_ft_weights", "true"]
+        "--finetune.clip_value", "0.5", "--output.save_ft_weights", "true",
+        "--finetune.lr_search", "true", "--finetune.lr_select", "setting", "--finetune.lr_grid", "0.5,2",
+        "--finetune.lr_dev_size", "3"]
 
 
 def args(tmp, data_dir, *extra):
@@ -107,6 +109,14 @@ def assert_same_finetuning(ref, run_dir, optimizer):
             assert wb[name].shape == wa[name].shape
             assert np.allclose(wa[name].numpy(), wb[name].numpy(), atol=atol, rtol=0), (log, name)
     assert len(steps) == 6 and max(steps) > 1
+    # the learning-rate search (each FT setting its own) chose the same rates from the same dev scores
+    for task in ("cb", "sst2"):
+        a, b = (json.loads((r / "lr_search" / f"{task}.json").read_text()) for r in (ref, run_dir))
+        assert a["rates"] == b["rates"] and set(a["rates"]) == {"ft", "ft_lc", "ft_lin"}
+        for setting, sa in a["searches"].items():
+            for ga, gb in zip(sa["grid"], b["searches"][setting]["grid"]):
+                assert ga["dev_correct"] == gb["dev_correct"] and ga["finite"] == gb["finite"]
+                assert ga["final_loss"] == pytest.approx(gb["final_loss"], rel=1e-5, abs=atol)
 
 
 @pytest.mark.parametrize("content, message", [

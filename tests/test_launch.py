@@ -15,6 +15,7 @@ def args(run_dir, data_dir, *extra):
     return ["run", "--model.name", "tiny-llama", "--data.tasks", "sst2,agnews,cb", "--data.k", "8",
             "--eval.methods", "zsl,icl,ft,ft_lc,ft_lin",
             "--data.eval_max", "12", "--model.max_length", "1500", "--data.data_dir", str(data_dir),
+            "--finetune.lr_search", "true", "--finetune.lr_grid", "0.3,1,3", "--finetune.lr_dev_size", "6",
             "--output.run_dir", str(run_dir), "--output.report_dir", str(run_dir.parent / "reports"), *extra]
 
 
@@ -37,6 +38,9 @@ def test_two_processes_match_one(one_proc, tmp_path, data_dir):
     assert_same_records(run_records(one_proc), run_records(run_dir))
     for log in globbed(one_proc, "ft/*/*/seed1.json"):  # finetuning does not depend on the world size
         assert log.read_text() == (run_dir / log.relative_to(one_proc)).read_text()
+    # nor does the learning-rate search: every grid point and the choice, byte for byte
+    for path in globbed(one_proc, "lr_search/**/*.json"):
+        assert path.read_text() == (run_dir / path.relative_to(one_proc)).read_text(), path
     # the same figures; only the provenance (world size, wall times) differs
     two, one = run_dir.parent / "reports" / "run", one_proc.parent / "reports" / "run"
     assert (two / "metrics.csv").read_text() == (one / "metrics.csv").read_text()

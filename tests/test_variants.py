@@ -1,5 +1,8 @@
 """Study variants: label switching and the untrained-model control."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
@@ -43,3 +46,27 @@ def test_untrained_control_reinitialises_blocks_only(tmp_path, saved):
             assert not torch.equal(p, q), n
         else:
             assert torch.equal(p, q), n
+
+
+def test_untrained_control_is_one_network_per_run_seed(tmp_path, data_dir):
+    """Seed s's network is re-initialised with s: two seeds give two networks (zero-shot scores
+    differ although ZSL sees no demonstration), and seed 2's records do not depend on whether
+    seed 1 ran before it in the same launch."""
+    from conftest import run_cli
+    from helpers import run_records
+
+    def run(name, seeds):
+        r = run_cli(["run", "--model.name", "tiny-llama", "--model.untrained", "true", "--data.tasks", "sst2",
+                     "--data.k", "4", "--data.eval_max", "4", "--data.seeds", seeds, "--eval.methods", "zsl,ft",
+                     "--data.data_dir", str(data_dir), "--output.run_dir", str(tmp_path / name),
+                     "--output.report_dir", str(tmp_path / "reports")])
+        assert r.returncode == 0, r.stderr[-3000:]
+        return run_records(tmp_path / name)
+
+    both, alone = run("both", "1,2"), run("alone", "2")
+    one, two = both["sst2", "zsl", 1]["option_scores"], both["sst2", "zsl", 2]["option_scores"]
+    assert one.shape == two.shape and not np.allclose(one, two)
+    for setting in ("zsl", "ft"):
+        assert np.array_equal(both["sst2", setting, 2]["option_scores"], alone["sst2", setting, 2]["option_scores"])
+    meta = json.loads((tmp_path / "both" / "jobs" / "sst2" / "seed2.json").read_text())
+    assert meta["untrained_init_seed"] == 2

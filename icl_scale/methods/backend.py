@@ -44,6 +44,10 @@ class TorchBackend:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    def resync(self, trained) -> None:
+        """The model's weights were rewritten outside the optimizer (the untrained control's
+        re-initialisation): nothing to do without an engine."""
+
     def full(self, trained) -> list[torch.Tensor]:
         """Copies of the trained parameters, whole."""
         return [t.param.detach().clone() for t in trained]
@@ -109,6 +113,18 @@ class DeepSpeedBackend(TorchBackend):
             TorchBackend.apply(self, trained, grads, opt, deltas)
         else:
             self.engine.step()
+
+    def resync(self, trained) -> None:
+        """The optimizer's fp32 master copies taken again from the model's (rewritten) weights."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        with torch.no_grad():
+            if self.lockstep:
+                self.engine.empty_partition_cache()
+                self.engine.optimizer.refresh_fp32_params()
+            else:
+                for t in trained:
+                    safe_set_full_fp32_param(t.param, t.param.detach().clone())
 
     def full(self, trained) -> list[torch.Tensor]:
         from deepspeed.utils import safe_get_full_fp32_param

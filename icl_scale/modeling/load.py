@@ -90,6 +90,21 @@ def reinit_blocks(model, seed: int = 0) -> None:
                     model._init_weights(mod)
 
 
+class SeededNetwork:
+    """The untrained control's network of a run seed: `use(seed)` re-initialises the blocks with
+    that seed when it changes (`after`: whatever must follow the rewrite, e.g. an optimizer's
+    master copies). A collective under ZeRO-3, so every rank calls it in the same order."""
+
+    def __init__(self, model, untrained: bool, after=lambda: None):
+        self.model, self.untrained, self.after, self.seed = model, untrained, after, None
+
+    def use(self, seed: int) -> None:
+        if self.untrained and seed != self.seed:
+            reinit_blocks(self.model, seed)
+            self.after()
+            self.seed = seed
+
+
 def _gathered(module):
     """The module's whole parameters to write, when ZeRO-3 partitioned them at load (rank 0's
     values are kept)."""

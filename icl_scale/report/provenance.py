@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from icl_scale import config as C
 from icl_scale.report.tables import Table
 from icl_scale.runtime.rundir import read_invocations
 
@@ -36,13 +37,16 @@ def provenance(run_dir: Path, results: dict) -> tuple[list[str], Table, Table]:
     packages = invocations[-1]["packages"] if invocations else {}
     lines = [
         f"- Model: `{m.name}` ({m.dtype}, {m.attn} attention{', untrained control' if m.untrained else ''})",
-        f"- Seeds: {', '.join(str(s) for s in d.seeds)}; k requested: {d.k}; eval cap: {d.eval_max or 'none'}",
+        f"- Seeds: {C.describe_seeds(cfg)}; k requested: {d.k}; eval cap: {d.eval_max or 'none'}",
         f"- Label switching: " + (f"{d.label_noise:.0%} of demonstrations ({d.label_noise_mode})"
                                   if d.label_noise else "none"),
         f"- World size: {world}; DeepSpeed: {zero}",
         f"- Finetuning: {f.optimizer}, trained: {f.train}, demonstrations: {f.demos}, clipping: "
         + ("none" if f.clip == "none" else f"{f.clip} at {f.clip_value}")
-        + f"; {steps} steps, {skipped} skipped",
+        + f"; {steps} steps, {skipped} skipped; layer-causal clipping (ft_lc_clip): {f.lc_clip} at {f.lc_clip_value}",
+        "- Learning rates: " + (f"selected per {f.lr_select} on {f.lr_dev_size} dev examples held out of train, grid "
+                                f"× {', '.join(f'{x:g}' for x in f.lr_grid)} of the task's rate"
+                                if f.lr_search else "the task's rate (finetune.lrs, else the reference's)"),
         f"- Recording position: {cfg.eval.record_position}; records stored in {cfg.output.record_dtype}; "
         f"config hash `{results['config_hash']}`",
         "- Packages: " + ", ".join(f"{k} {v}" for k, v in packages.items()),
