@@ -51,3 +51,15 @@ def test_help_lists_every_knob(capsys):
     text = capsys.readouterr().out
     for name, _, _ in C.leaves():
         assert f"--{name}" in text
+
+
+def test_task_seeds_from_a_string_or_a_mapping():
+    a = C.build(overrides={"data.task_seeds": " sst2=2, 3,4 ; cb=5", "data.seeds": "1,2"})
+    b = C.build({"data": {"task_seeds": {"sst2": [2, 3, 4], "cb": 5}, "seeds": [1, 2]}})
+    assert a.data.task_seeds == b.data.task_seeds == "sst2=2,3,4;cb=5"
+    assert C.config_hash(a) == C.config_hash(b)
+    assert C.seeds_for(a, "sst2") == (2, 3, 4) and C.seeds_for(a, "cb") == (5,) and C.seeds_for(a, "mr") == (1, 2)
+    assert C.describe_seeds(C.build(overrides={"data.tasks": "sst2,mr", "data.task_seeds": "sst2=2"})) == "sst2 2; mr 1"
+    for bad in ("sst2=1,1", "sst2=", "sst2=-1", "sst2=1.5", "imdb=1", {"sst2": "x"}):
+        with pytest.raises(UserError, match="data.task_seeds"):
+            C.build(overrides={"data.task_seeds": bad})

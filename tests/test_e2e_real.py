@@ -39,6 +39,7 @@ def test_default_job_on_two_processes(tmp_path, data_dir):
     run_dir = tmp_path / "default"
     r = launch(["run", "--config", str(ROOT / "launcher" / "default.yaml"), "--data.tasks", "sst2,cb",
                 "--data.eval_max", "4", "--data.data_dir", str(data_dir), "--output.run_dir", str(run_dir),
+                "--finetune.lr_grid", "0.1,1", "--finetune.lr_dev_size", "8",   # the default's search, smaller
                 "--output.report_dir", str(tmp_path / "reports")], nproc=2)
     assert r.returncode == 0, r.stdout + r.stderr
     assert json.loads((run_dir / "shards/sst2/icl/seed1/manifest-r1.json").read_text())["world_size"] == 2
@@ -51,4 +52,11 @@ def test_default_job_on_two_processes(tmp_path, data_dir):
     assert records["sst2", "icl", 1]["scores"][0].shape[:2] == (30, 9)
     report = (tmp_path / "reports" / "default" / "report.md").read_text()
     assert "| ZSL accuracy |" in report and "| SimAM (before FT) |" in report
+    # the default is the study: FT and linearized FT at a selected rate, with the similarity baselines
+    for row in ("| FT accuracy |", "| linearized FT accuracy |", "| SimAOU (FT) |", "| SimAOU, shuffled pairs (FT) |",
+                "| SimAOU excess over shuffled pairs (linearized FT) |", "| SimAOU ⊥ ĥ_ZSL (FT) |"):
+        assert row in report, row
+    assert "## Learning-rate selection" in report and "## Does ICL's update align with FT's beyond geometry?" in report
+    chosen = json.loads((run_dir / "lr_search" / "sst2.json").read_text())["rates"]
+    assert set(chosen) == {"ft", "ft_lin"} and json.loads((run_dir / "ft/sst2/ft/seed1.json").read_text())["lr"] == chosen["ft"]
     assert "| sst2 | 1 |" in report and f"| cb | 1 | offline:cb-jsonl | 4 of 56 | official | {meta['k_effective']}/32 |" in report

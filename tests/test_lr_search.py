@@ -104,6 +104,13 @@ def test_search_run_records_disjoint_dev_and_flags_a_diverged_run(tmp_path, data
     assert "(seed 1, 2 diverged)" in md
     acc = next(line for line in md.splitlines() if line.startswith("| linearized FT accuracy"))
     assert not acc.rstrip(" |").endswith(")")   # included: averaged over both tasks
+    # resumes: a lost grid point is recomputed alone, to the same record and the same choice
+    point = run_dir / "lr_search" / "cb" / "ft" / "m1_seed2.json"
+    summary, before = (run_dir / "lr_search" / "cb.json").read_text(), point.read_text()
+    point.unlink()
+    r = run_cli(["run", *common])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert point.read_text() == before and (run_dir / "lr_search" / "cb.json").read_text() == summary
     # left out of every mean: the cell says so and the average names the task it is over
     r = run_cli(["report", str(run_dir), "--report-dir", str(tmp_path / "excl"), "--report.exclude_diverged", "true"])
     assert r.returncode == 0, r.stderr[-3000:]

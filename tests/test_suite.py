@@ -145,7 +145,13 @@ def test_presets():
     assert paper.data.k == 32 and paper.data.seeds == (1, 2, 3) and len(paper.data.tasks) == 6
     assert set(paper.eval.methods) == {"zsl", "icl", "ft", "ft_lc", "ft_lc_clip", "ft_lin"}
     assert paper.suite.variants == ("base", "label_switch", "untrained") and paper.finetune.lrs == ()
+    # the revisited paper's Table 3 run clipped each layer's L2 norm at 12; rates selected on a dev split
+    assert (paper.finetune.lc_clip, paper.finetune.lc_clip_value, paper.finetune.lr_search) == ("layer_l2", 12.0, True)
     ref = C.load(None, {}, "reference")
     assert ref.eval.record_position == "answer" and ref.finetune.demos == "all" and ref.finetune.lc_clip == "global_l2"
+    assert not ref.finetune.lr_search
+    reference_grid = {"sst2": (2, 3, 4), "sst5": (5, 6, 7), "mr": (5, 6, 7), "subj": (4, 5, 6), "agnews": (3, 4, 5),
+                      "cb": (3, 4, 5)}
+    assert {t: C.seeds_for(ref, t) for t in ref.data.tasks} == reference_grid
     # options override the preset
     assert C.load(None, {"data.seeds": "4"}, "paper").data.seeds == (4,)
