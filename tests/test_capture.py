@@ -13,7 +13,8 @@ from icl_scale.tasks import get_task
 from icl_scale.tasks.sources import load_source
 from icl_scale.tasks.split import split_task
 
-MODELS = ["tiny-gpt2", "tiny-llama", "tiny-opt", "tiny-neox", "tiny-gemma3"]
+MODELS = ["tiny-gpt2", "tiny-llama", "tiny-opt", "tiny-neox", "tiny-gemma3", "tiny-qwen2", "tiny-mistral", "tiny-phi3",
+          "tiny-xglm"]
 
 
 def eager_twin(model):

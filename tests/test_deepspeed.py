@@ -87,7 +87,21 @@ def test_zero3_loads_a_checkpoint_partitioned_with_the_same_results(checkpoint, 
     assert_same_finetuning(tmp_path / "plain/run", tmp_path / "zero3/run", "sgd")
 
 
-def assert_same_finetuning(ref, run_dir, optimizer):
+@pytest.mark.parametrize("ds", ["", "zero2", "zero3_offload"])
+def test_xglm_finetuning_on_two_processes_matches_one(tmp_path, data_dir, ds):
+    """The papers' architecture (capture through its own projections): plain PyTorch on two
+    processes and ZeRO-2 / ZeRO-3 with offload on two give the one-process plain results."""
+    xglm = ["--model.name", "tiny-xglm"]
+    r = run_cli(args(tmp_path / "plain", data_dir, *xglm), env={"CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 0, r.stderr[-3000:]
+    extra = ["--finetune.deepspeed", f"ds_configs/{ds}.json"] if ds else []
+    r = launch(args(tmp_path / "two", data_dir, *xglm, *extra), nproc=2)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads((tmp_path / "two/run/shards/cb/ft/seed1/manifest-r1.json").read_text())["world_size"] == 2
+    assert_same_finetuning(tmp_path / "plain/run", tmp_path / "two/run", "sgd", n_weights=2 * 4)
+
+
+def assert_same_finetuning(ref, run_dir, optimizer, n_weights=3 * 2):
     """Records, FT logs and the trained k/v weights of two runs agree."""
     # records are fp16: a 1e-9 difference in fp32 can move one value by one fp16 step
     assert_same_records(run_records(ref), run_records(run_dir), rtol=2**-10)
@@ -104,7 +118,7 @@ def assert_same_finetuning(ref, run_dir, optimizer):
         steps.append(a["steps"])
         wa = load_file(log.with_suffix(".safetensors"))
         wb = load_file((run_dir / log.relative_to(ref)).with_suffix(".safetensors"))
-        assert wa.keys() == wb.keys() and len(wa) == 3 * 2   # k and v weights of the three tiny layers
+        assert wa.keys() == wb.keys() and len(wa) == n_weights   # k and v (weights, biases) of every layer
         for name in wa:
             assert wb[name].shape == wa[name].shape
             assert np.allclose(wa[name].numpy(), wb[name].numpy(), atol=atol, rtol=0), (log, name)

@@ -12,7 +12,7 @@ from icl_scale.methods.losses import layer_causal, layer_causal_loss, linearized
 from icl_scale.modeling.load import load_model
 from icl_scale.modeling.params import final_norm, trained_params
 
-MODELS = ["tiny-gpt2", "tiny-llama", "tiny-neox", "tiny-opt"]
+MODELS = ["tiny-gpt2", "tiny-llama", "tiny-neox", "tiny-opt", "tiny-qwen2", "tiny-mistral", "tiny-phi3", "tiny-xglm"]
 
 
 def ids_of(tok, text="Sentence: a fine film Label: Positive"):
@@ -32,7 +32,7 @@ def test_standard_ft_changes_kv_in_every_layer_and_nothing_else(name):
     changed_layers = set()
     for n, p in model.named_parameters():
         diff = (p.detach() != before[n])
-        is_kv = any(k in n for k in ("k_proj", "v_proj", "c_attn", "query_key_value"))
+        is_kv = any(k in n for k in ("k_proj", "v_proj", "c_attn", "query_key_value", "qkv_proj"))
         if not is_kv:
             assert not diff.any(), f"{n} changed"
             continue
@@ -43,6 +43,9 @@ def test_standard_ft_changes_kv_in_every_layer_and_nothing_else(name):
             h = model.config.num_attention_heads
             per = diff.view(h, 3, -1, *p.shape[1:])
             assert not per[:, 0].any() and per[:, 1].any() and per[:, 2].any(), n
+        elif "qkv_proj" in n:  # Phi-3 fused rows [q (4 heads × 16) | k (2 × 16) | v (2 × 16)]
+            q_rows = model.config.num_attention_heads * 16
+            assert not diff[:q_rows].any() and diff[q_rows:q_rows + 32].any() and diff[q_rows + 32:].any(), n
         else:
             assert diff.any(), n
         changed_layers.add(n.split("layers.")[-1].split(".")[0] if "layers." in n else n.split("h.")[-1].split(".")[0])
@@ -113,8 +116,18 @@ def reference_linearized_grad(model, trained, deltas, ids):
     return torch.autograd.grad(loss, ds)
 
 
+@pytest.fixture
+def float64_default():
+    """Float64 models run only in these tests: XGLM's attention builds its mask floor with
+    torch.full((), finfo(dtype).min) in the default dtype, which float32 cannot hold for float64."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
+
+
 @pytest.mark.parametrize("name", MODELS)
-def test_lean_linearized_gradient_equals_reverse_through_jvp_float64(name):
+def test_lean_linearized_gradient_equals_reverse_through_jvp_float64(name, float64_default):
     # SDPA's math backend: the eager paths of some models run their softmax in float32
     model, tok = load_model(name, "sdpa", dtype="float64")
     trained = trained_params(model, "kv")
@@ -132,8 +145,10 @@ def test_lean_linearized_gradient_equals_reverse_through_jvp_float64(name):
 
 
 @pytest.mark.parametrize("name,attn", [("tiny-gpt2", "eager"), ("tiny-llama", "eager"), ("tiny-neox", "eager"),
-                                       ("tiny-llama", "sdpa"), ("tiny-gpt2", "sdpa")])  # smooth activations (not OPT's ReLU)
-def test_linearization_is_exact_at_zero_and_second_order(name, attn):
+                                       ("tiny-llama", "sdpa"), ("tiny-gpt2", "sdpa"), ("tiny-qwen2", "sdpa"),
+                                       ("tiny-mistral", "eager"), ("tiny-phi3", "sdpa"),
+                                       ("tiny-xglm", "eager")])  # smooth activations (not OPT's ReLU)
+def test_linearization_is_exact_at_zero_and_second_order(name, attn, float64_default):
     model, tok = load_model(name, attn, dtype="float64")
     trained = trained_params(model, "kv")
     ids = ids_of(tok)

@@ -7,10 +7,16 @@ Points (per eval example, at the recording position: the last position of the fo
                                                  against the last n_keys tokens (the query's own
                                                  tokens; cached demonstrations are excluded)
 
-The scores come from a wrapper around the model's own attention function, registered under
-`icl_eager` / `icl_sdpa` in transformers' AttentionInterface (and, as it must be, with the
-matching mask function in AttentionMaskInterface). Outside a `capture()` block the wrapper only
-delegates. Under forward-mode AD (the linearized model) every point records primal + tangent.
+Two mechanisms make the scores, chosen per architecture from MECHANISMS (by config.model_type):
+- "interface" (every architecture on transformers' attention interface): a wrapper around the
+  model's own attention function, registered under `icl_eager` / `icl_sdpa` in AttentionInterface
+  (and, as it must be, with the matching mask function in AttentionMaskInterface). Outside a
+  `capture()` block the wrapper only delegates.
+- "projections" (attention modules with their own forward, e.g. XGLM, the papers' fairseq-dense
+  family): forward hooks on the module's query and key projections; scores = (q_proj(h)·scaling)
+  · k_proj(h)ᵀ per head, as the module computes them. The model runs its own eager attention.
+The output point is a forward hook on the attention module under both. Under forward-mode AD
+(the linearized model) every point records primal + tangent.
 """
 
 from __future__ import annotations
@@ -34,6 +40,29 @@ def _value(t: torch.Tensor) -> torch.Tensor:
     """A recorded tensor's value; under forward-mode AD (the linearized model) primal + tangent."""
     primal, tangent = fwAD.unpack_dual(t)
     return (primal if tangent is None else primal + tangent).detach()
+
+
+@dataclass(frozen=True)
+class Projections:
+    """Scores from hooks on an attention module's own projections: query `q` (scaled by the
+    module's `scaling` attribute after the projection) and key `k`."""
+    q: str = "q_proj"
+    k: str = "k_proj"
+    scaling: str = "scaling"
+
+
+# config.model_type → how its scores are captured; absent: the attention interface
+MECHANISMS: dict[str, Projections] = {"xglm": Projections()}
+
+
+def mechanism(model_type: str) -> str:
+    return "projections" if model_type in MECHANISMS else "interface"
+
+
+def implementation(model_type: str, attn: str) -> str:
+    """The attention implementation to load: our wrapper over `attn` (sdpa or eager), or the
+    model's own eager attention where capture hooks its projections."""
+    return f"icl_{attn}" if mechanism(model_type) == "interface" else "eager"
 
 
 @dataclass
@@ -126,6 +155,22 @@ def attention_modules(model) -> list[torch.nn.Module]:
     return mods
 
 
+def _projection_hooks(attn, names: Projections, cap: Captured) -> list:
+    """Scores of the last position from the module's own q and k projections (per head)."""
+    last_q = {}
+
+    def on_q(mod, args, output):
+        last_q["q"] = output[:, -1] * getattr(attn, names.scaling)
+
+    def on_k(mod, args, output):
+        q, keys = last_q.pop("q"), output[:, -cap.n_keys:]
+        b, n, h = keys.shape[0], keys.shape[1], attn.num_heads
+        s = torch.einsum("bhd,bnhd->bhn", q.reshape(b, h, -1), keys.reshape(b, n, h, -1))
+        cap.scores[attn.layer_idx] = _value(s)
+
+    return [getattr(attn, names.q).register_forward_hook(on_q), getattr(attn, names.k).register_forward_hook(on_k)]
+
+
 @contextmanager
 def capture(model, n_keys: int):
     """Record every capture point at the last position of the forward inside the block, with
@@ -133,11 +178,14 @@ def capture(model, n_keys: int):
     global _ACTIVE
     cap = Captured(n_keys)
     handles = []
+    names = MECHANISMS.get(model.config.model_type)
     for m in attention_modules(model):
         def hook(mod, args, output, _l=m.layer_idx):
             out = output[0] if isinstance(output, tuple) else output
             cap.attn_out[_l] = _value(out[:, -1])
         handles.append(m.register_forward_hook(hook))
+        if names is not None:
+            handles += _projection_hooks(m, names, cap)
     _ACTIVE = cap
     try:
         yield cap

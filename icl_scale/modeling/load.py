@@ -14,7 +14,7 @@ import torch
 
 from icl_scale import atomic
 from icl_scale.errors import UserError, first_line
-from icl_scale.modeling import capture  # noqa: F401  (registers the icl_* attention functions)
+from icl_scale.modeling.capture import implementation   # (and registers the icl_* attention functions)
 from icl_scale.modeling.params import decoder_layers, partitioned
 from icl_scale.modeling.tiny import TINY_MODELS, build_tiny
 
@@ -120,23 +120,25 @@ def load_model(name: str, attn: str = "sdpa", dtype: str = "float32", cache_dir:
     """(model in eval mode, tokenizer). `attn` is the kernel under the capture wrapper.
     `loading(partitioned)`: the context of each step that makes a model (runtime/engine.py), which
     lets ZeRO-3 partition a checkpoint as it loads; conversions and tiny models are made whole."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    impl = f"icl_{attn}"
     if name in TINY_MODELS:
         with loading(False):
-            model, tok = build_tiny(name, impl)
+            model, tok = build_tiny(name, attn)
     else:
         path = resolve_offline(name, cache_dir, main_first) if name in OFFLINE_MODELS else name
+        model_type = "?"
         try:
             tok = AutoTokenizer.from_pretrained(path)
+            model_type = AutoConfig.from_pretrained(path).model_type
             with loading(True):
-                model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=impl,
+                model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=implementation(model_type, attn),
                                                              dtype=getattr(torch, dtype))
         except (OSError, ValueError) as e:
             if "attention implementation" in str(e):
-                raise UserError(f"model {name!r}: its architecture does not support transformers' attention "
-                                f"interface, which the capture points need") from None
+                raise UserError(f"model {name!r}: its architecture ({model_type}) does not support transformers' "
+                                f"attention interface, and modeling/capture.py's MECHANISMS has no projection "
+                                f"hooks for it, so the capture points cannot be placed") from None
             raise UserError(f"unknown model {name!r}: not an offline alias ({', '.join(OFFLINE_MODELS)}), "
                             f"tiny model ({', '.join(TINY_MODELS)}), local dir or reachable hub id "
                             f"({first_line(e)})") from None

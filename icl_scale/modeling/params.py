@@ -4,7 +4,8 @@ The study trains attention key and value projections only (weights and biases, a
 Separate k/v linears (Llama, Gemma, OPT, …) are trained whole; fused projections are trained on
 their k and v parts only, through an element mask applied to their gradients:
   GPT-2 `c_attn` (Conv1D, weight [d, 3d], columns q | k | v),
-  GPT-NeoX `query_key_value` (Linear, rows per head as q, k, v).
+  GPT-NeoX `query_key_value` (Linear, rows per head as q, k, v),
+  Phi-3 `qkv_proj` (Linear, rows q (all query heads) | k | v).
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ def _fused_mask(attn, name: str, p: torch.Tensor) -> torch.Tensor | None:
         m = torch.zeros_like(p).view(heads, 3, -1, *p.shape[1:])
         m[:, 1:] = 1
         return m.view_as(p)
+    if name.startswith("qkv_proj."):  # Phi-3: first dim is [q: heads × head_dim | k | v]
+        m = torch.zeros_like(p)
+        m[attn.config.num_attention_heads * attn.head_dim:] = 1
+        return m
     return None
 
 
@@ -98,7 +103,7 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 def final_norm(model) -> torch.nn.Module:
     base = model.base_model
-    for name in ("norm", "ln_f", "final_layer_norm", "final_layernorm"):
+    for name in ("norm", "ln_f", "final_layer_norm", "final_layernorm", "layer_norm"):
         if isinstance(getattr(base, name, None), torch.nn.Module):
             return getattr(base, name)
     decoder = getattr(base, "decoder", None)  # OPT
