@@ -19,13 +19,12 @@ import math
 from dataclasses import dataclass
 
 from icl_scale.errors import first_line
-from icl_scale.methods.evaluate import PrefixCache, score_batch
-from icl_scale.methods.finetune import finetune, restored
-from icl_scale.methods.linearized import LinearizedForward
+from icl_scale.methods.evaluate import score_batch
+from icl_scale.methods.finetune import clipping, finetune, finetuned_scorer, restored
 from icl_scale.plan import Job
 from icl_scale.prompts import zsl_prompt
 from icl_scale.runtime import dist, rundir
-from icl_scale.settings import SETTINGS, ft_settings
+from icl_scale.settings import ft_settings
 
 
 @dataclass(frozen=True)
@@ -60,9 +59,9 @@ def work(cfg, jobs: list[Job], ranks_per_point: int) -> int:
 
 def run_point(cfg, model, trained, point: Point, backend, progress, network) -> dict:
     """Finetune for one grid point, score the dev rows zero-shot, put θ0 back; the point's record."""
-    job, spec = point.job, SETTINGS[point.setting]
+    job = point.job
     network.use(job.seed)
-    clip_mode, clip_value = (getattr(cfg.finetune, name) for name in spec.clip)
+    clip_mode, clip_value = clipping(cfg.finetune, point.setting)
     prefix = zsl_prompt(job.enc).prefix_ids
     options = job.enc.options()
     progress.start(f"lr search {point.name}", total=len(job.dev_rows), done=0)
@@ -70,8 +69,7 @@ def run_point(cfg, model, trained, point: Point, backend, progress, network) -> 
         with progress.clock.phase("lr search"):
             log, deltas = finetune(model, point.setting, trained, job.ft_sequences(), point.lr, cfg.finetune.optimizer,
                                    clip_mode, clip_value, backend)
-            cache = (LinearizedForward(model, trained, deltas, prefix) if spec.linearized else
-                     PrefixCache(model, prefix))
+            cache = finetuned_scorer(model, trained, deltas, point.setting, prefix)
             correct, finite = 0, log.skipped == 0
             for i in range(0, len(job.dev_rows), cfg.eval.batch_size):
                 rows = job.dev_rows[i:i + cfg.eval.batch_size]

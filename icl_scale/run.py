@@ -30,8 +30,8 @@ from icl_scale.capture.shards import ShardWriter, done_ids
 from icl_scale.errors import first_line
 from icl_scale.methods.backend import DeepSpeedBackend, TorchBackend
 from icl_scale.methods.evaluate import PrefixCache, score_batch
-from icl_scale.methods.finetune import finetune, restored
-from icl_scale.methods.linearized import LinearizedForward, check_linearizable
+from icl_scale.methods.finetune import clipping, finetune, finetuned_scorer, restored
+from icl_scale.methods.linearized import check_linearizable
 from icl_scale.modeling.load import SeededNetwork, load_model, max_positions
 from icl_scale.modeling.params import Trained, partitioned, trained_params
 from icl_scale.plan import Job, plan, schedule
@@ -81,7 +81,7 @@ def finetune_job(cfg, model, trained, job: Job, setting: str, run_dir: Path, h: 
     """Finetune the model in place for one FT setting; write its log (and trained tensors); return
     what the finetuned model scores through."""
     spec = SETTINGS[setting]
-    clip_mode, clip_value = (getattr(cfg.finetune, name) for name in spec.clip)
+    clip_mode, clip_value = clipping(cfg.finetune, setting)
     with progress.clock.phase("finetune"):
         ft_log, deltas = finetune(model, setting, trained, job.ft_sequences(), job.lr_of(setting),
                                   cfg.finetune.optimizer,
@@ -93,8 +93,7 @@ def finetune_job(cfg, model, trained, job: Job, setting: str, run_dir: Path, h: 
         rundir.write_ft_log(run_dir, job.task, setting, job.seed, ft_log, h)
         if weights is not None:
             rundir.write_ft_weights(run_dir, job.task, setting, job.seed, trained, weights, h)
-    prefix = job.prompts[setting].prefix_ids
-    return LinearizedForward(model, trained, deltas, prefix) if spec.linearized else PrefixCache(model, prefix)
+    return finetuned_scorer(model, trained, deltas, setting, job.prompts[setting].prefix_ids)
 
 
 def score_share(cfg, model, job: Job, cache, todo: list[dict], writer: ShardWriter, progress, steps: int,

@@ -118,3 +118,20 @@ def restored(trained: list[Trained], backend=None):
         yield
     finally:
         backend.restore(trained, saved)
+
+
+def clipping(finetune_cfg, setting: str) -> tuple[str, float]:
+    """(mode, value) that clip a setting: the finetune.* fields its registry entry names."""
+    mode, value = SETTINGS[setting].clip
+    return getattr(finetune_cfg, mode), getattr(finetune_cfg, value)
+
+
+def finetuned_scorer(model, trained: list[Trained], deltas, setting: str, prefix_ids):
+    """What the finetuned model scores through after `prefix_ids`: the linearized model's dual
+    pass, or the model itself with the prefix cached."""
+    from icl_scale.methods.evaluate import PrefixCache
+    from icl_scale.methods.linearized import LinearizedForward
+
+    if SETTINGS[setting].linearized:
+        return LinearizedForward(model, trained, deltas, prefix_ids)
+    return PrefixCache(model, prefix_ids)
