@@ -34,6 +34,7 @@ from icl_scale.methods.finetune import clipping, finetune, finetuned_scorer, res
 from icl_scale.methods.linearized import check_linearizable
 from icl_scale.modeling.load import SeededNetwork, load_model, max_positions
 from icl_scale.modeling.params import Trained, partitioned, trained_params
+from icl_scale.modeling.precision import keep_trained_fp32
 from icl_scale.plan import Job, plan, schedule
 from icl_scale.runtime import dist, rundir
 from icl_scale.runtime.engine import Process, loading, prepare_process
@@ -133,11 +134,13 @@ def run(cfg: C.RunConfig, proc: Process | None = None) -> dict | None:
     with clock.phase("plan"):
         jobs = plan(cfg, tok, max_positions(model))
         trained = trained_params(model, cfg.finetune.train) if finetunes else []
+        precision = keep_trained_fp32(model, trained)
         if any(SETTINGS[m].linearized for m in cfg.eval.methods):   # before anything is written
             check_linearizable(model, trained)
     h = C.config_hash(cfg)
     ds_config = (None if proc.ds_config is None else
                  {"file": proc.ds_file, "config": proc.ds_config, "partitioned_at_load": at_load})
+    launch = {"deepspeed": ds_config, "precision": precision}
     rundir.check_config(cfg, run_dir)
     if state.is_main_process:
         from rich.syntax import Syntax
@@ -149,7 +152,7 @@ def run(cfg: C.RunConfig, proc: Process | None = None) -> dict | None:
         rundir.remove_orphans(run_dir)
         for job in jobs:
             rundir.write_job_meta(run_dir, job.task, job.seed, job.meta | {"config_hash": h})
-        rundir.write_invocation(run_dir, clock, state, ds_config, finished=False, peak_gpu_mib=dist.peak_gpu_mib(state))
+        rundir.write_invocation(run_dir, clock, state, launch, finished=False, peak_gpu_mib=dist.peak_gpu_mib(state))
     dist.barrier(state)
     with clock.phase("load"):
         # a DeepSpeed engine is built before any forward (ZeRO-3 partitions the model if zero.Init did not)
@@ -187,7 +190,7 @@ def run(cfg: C.RunConfig, proc: Process | None = None) -> dict | None:
     if state.is_main_process:
         from icl_scale.report.render import write_report
 
-        rundir.write_invocation(run_dir, clock, state, ds_config, finished=True, peak_gpu_mib=dist.peak_gpu_mib(state))
+        rundir.write_invocation(run_dir, clock, state, launch, finished=True, peak_gpu_mib=dist.peak_gpu_mib(state))
         results = write_report(run_dir, Path(cfg.output.report_dir), console=progress.console)
         log.info("done in %.1fs", time.time() - clock.started)
     if owns_process:

@@ -34,9 +34,15 @@ def provenance(run_dir: Path, results: dict) -> tuple[list[str], Table, Table]:
     steps = sum(log["steps"] for t in results["tasks"].values() for r in t["seeds"].values()
                 for log in r["ft_logs"].values())
     m, d, f = cfg.model, cfg.data, cfg.finetune
+    precision = next((i["precision"] for i in reversed(invocations) if i.get("precision")), {})
     packages = invocations[-1]["packages"] if invocations else {}
     lines = [
         f"- Model: `{m.name}` ({m.dtype}, {m.attn} attention{', untrained control' if m.untrained else ''})",
+        "- Precision: " + (f"model in {precision['model']}"
+                           + (f"; trained k/v parameters and their updates in {precision['trained']}, applied in "
+                              f"{precision['trained_forward']}" if "trained" in precision else "")
+                           + f"; option scores in {precision['option_scores']}; records stored in {cfg.output.record_dtype}"
+                           if precision else f"model in {m.dtype}; records stored in {cfg.output.record_dtype}"),
         f"- Seeds: {C.describe_seeds(cfg)}; k requested: {d.k}; eval cap: {d.eval_max or 'none'}",
         f"- Label switching: " + (f"{d.label_noise:.0%} of demonstrations ({d.label_noise_mode})"
                                   if d.label_noise else "none"),
@@ -47,7 +53,7 @@ def provenance(run_dir: Path, results: dict) -> tuple[list[str], Table, Table]:
         "- Learning rates: " + (f"selected per {f.lr_select} on {f.lr_dev_size} dev examples held out of train, grid "
                                 f"× {', '.join(f'{x:g}' for x in f.lr_grid)} of the task's rate"
                                 if f.lr_search else "the task's rate (finetune.lrs, else the reference's)"),
-        f"- Recording position: {cfg.eval.record_position}; records stored in {cfg.output.record_dtype}; "
+        f"- Recording position: {cfg.eval.record_position}; "
         f"config hash `{results['config_hash']}`",
         "- Packages: " + ", ".join(f"{k} {v}" for k, v in packages.items()),
         "- Similarity values left out as undefined (a zero update, or activations beyond float32): "

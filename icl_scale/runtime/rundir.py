@@ -155,9 +155,10 @@ def remove_orphans(run_dir: Path) -> list[Path]:
 PACKAGES = ("torch", "transformers", "accelerate", "deepspeed", "datasets", "safetensors", "numpy", "rich")
 
 
-def write_invocation(run_dir: Path, clock, state, ds_config: dict | None, finished: bool,
+def write_invocation(run_dir: Path, clock, state, launch: dict, finished: bool,
                      peak_gpu_mib: float | None = None) -> None:
-    """What ran this launch and how long each phase took (rewritten at the end of the launch)."""
+    """What ran this launch and how long each phase took (rewritten at the end of the launch);
+    `launch`: its DeepSpeed config record and its precision (modeling/precision.py)."""
     import platform
     import time
     from importlib.metadata import PackageNotFoundError, version
@@ -171,7 +172,7 @@ def write_invocation(run_dir: Path, clock, state, ds_config: dict | None, finish
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(clock.started))
     atomic.write_json(run_dir / "invocations" / f"{stamp}.json", {
         "started": stamp, "finished": finished, "world_size": state.num_processes, "device": str(state.device),
-        "packages": versions, "deepspeed": ds_config, "phases_s": {k: round(v, 3) for k, v in clock.phases.items()},
+        "packages": versions, **launch, "phases_s": {k: round(v, 3) for k, v in clock.phases.items()},
         "wall_s": round(time.time() - clock.started, 3), "peak_gpu_mib": peak_gpu_mib})
 
 
