@@ -76,9 +76,11 @@ class EvalConfig:
                                 "predicts the answer, or the first answer token (the reference's choice)",
                                 choices=("prediction", "answer"))
     capture: bool = knob(True, "record per-layer attention outputs and pre-softmax scores")
-    batch_size: int = knob(1, "queries per forward after the cached prefix (left-padded). 1 makes every "
-                           "record bit-identical whatever the world size; larger batches (for GPUs) agree to "
-                           "float rounding", result=False)
+    batch_size: int = knob(1, "queries per forward after the cached prefix (left-padded, one shared copy of the "
+                           "prefix); 0: automatic, found once per scoring pass (the fastest per query that fits, "
+                           "recorded in the shard manifests). 1 makes every record bit-identical whatever the world "
+                           "size; larger batches agree to float rounding", result=False)
+    max_batch: int = knob(64, "the largest batch the automatic batch size tries", result=False)
 
 
 @dataclass(frozen=True)
@@ -277,8 +279,10 @@ def validate(cfg: RunConfig) -> None:
             raise UserError(f"config field data.task_sources: {item!r} is not <task>=<offline|hub|files>")
     if cfg.model.max_length < 8:
         raise UserError(f"config field model.max_length: {cfg.model.max_length} is too small")
-    if cfg.eval.batch_size < 1:
-        raise UserError(f"config field eval.batch_size: {cfg.eval.batch_size} must be >= 1")
+    if cfg.eval.batch_size < 0:
+        raise UserError(f"config field eval.batch_size: {cfg.eval.batch_size} must be >= 1, or 0 (automatic)")
+    if cfg.eval.max_batch < 1:
+        raise UserError(f"config field eval.max_batch: {cfg.eval.max_batch} must be >= 1")
     if not cfg.eval.methods:
         raise UserError("config field eval.methods: no method given")
     for item in cfg.finetune.lrs:

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 
 from icl_scale.errors import first_line
-from icl_scale.methods.evaluate import score_batch
+from icl_scale.methods.evaluate import batches, score_batch
 from icl_scale.methods.finetune import clipping, finetune, finetuned_scorer, restored
 from icl_scale.plan import Job
 from icl_scale.prompts import zsl_prompt
@@ -57,7 +57,7 @@ def work(cfg, jobs: list[Job], ranks_per_point: int) -> int:
     return sum(len(p.job.dev_rows) for p in points(cfg, jobs)) * ranks_per_point
 
 
-def run_point(cfg, model, trained, point: Point, backend, progress, network) -> dict:
+def run_point(cfg, model, trained, point: Point, backend, progress, network, sizer) -> dict:
     """Finetune for one grid point, score the dev rows zero-shot, put θ0 back; the point's record."""
     job = point.job
     network.use(job.seed)
@@ -71,9 +71,10 @@ def run_point(cfg, model, trained, point: Point, backend, progress, network) -> 
                                    clip_mode, clip_value, backend)
             cache = finetuned_scorer(model, trained, deltas, point.setting, prefix)
             correct, finite = 0, log.skipped == 0
-            for i in range(0, len(job.dev_rows), cfg.eval.batch_size):
-                rows = job.dev_rows[i:i + cfg.eval.batch_size]
-                for r, s in zip(rows, score_batch(model, cache, [job.enc.input_ids(r) for r in rows], options,
+            queries = {r["id"]: job.enc.input_ids(r) for r in job.dev_rows}
+            size = sizer.size(model, cache, list(queries.values()), options, cfg.eval.record_position, False)
+            for rows in batches(job.dev_rows, size):
+                for r, s in zip(rows, score_batch(model, cache, [queries[r["id"]] for r in rows], options,
                                                   do_capture=False)):
                     correct += s.pred == r["label"]
                     finite &= all(math.isfinite(x) for x in s.option_scores)
@@ -85,7 +86,7 @@ def run_point(cfg, model, trained, point: Point, backend, progress, network) -> 
             "steps": log.steps, "skipped": log.skipped, "finite": bool(finite)}
 
 
-def search(cfg, model, trained, jobs: list[Job], run_dir, h: str, state, progress, backend, network) -> None:
+def search(cfg, model, trained, jobs: list[Job], run_dir, h: str, state, progress, backend, network, sizer) -> None:
     """Run every grid point not yet recorded, then set each job's per-setting rates (job.lrs) and,
     on the main process, write each task's selection (lr_search/<task>.json)."""
     todo = points(cfg, jobs)
@@ -95,7 +96,7 @@ def search(cfg, model, trained, jobs: list[Job], run_dir, h: str, state, progres
             if dist.all_max(state, int(have is None)) == 0:
                 progress.start(f"lr search {point.name}", len(point.job.dev_rows), done=len(point.job.dev_rows))
                 continue
-            record = run_point(cfg, model, trained, point, backend, progress, network)
+            record = run_point(cfg, model, trained, point, backend, progress, network, sizer)
             if state.is_main_process:
                 rundir.write_lr_point(run_dir, record, h)
         elif n % state.num_processes != state.process_index:
@@ -104,7 +105,7 @@ def search(cfg, model, trained, jobs: list[Job], run_dir, h: str, state, progres
             progress.start(f"lr search {point.name}", len(point.job.dev_rows), done=len(point.job.dev_rows))
         else:
             try:
-                record = run_point(cfg, model, trained, point, backend, progress, network)
+                record = run_point(cfg, model, trained, point, backend, progress, network, sizer)
             except (RuntimeError, MemoryError) as e:   # a failed point cannot win; the others go on
                 model.eval()
                 record = {"task": point.job.task, "setting": point.setting, "seed": point.job.seed,

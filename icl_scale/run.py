@@ -29,7 +29,7 @@ from icl_scale import lr_search
 from icl_scale.capture.shards import ShardWriter, done_ids
 from icl_scale.errors import first_line
 from icl_scale.methods.backend import DeepSpeedBackend, TorchBackend
-from icl_scale.methods.evaluate import PrefixCache, score_batch
+from icl_scale.methods.evaluate import BatchSizer, PrefixCache, batches, score_batch
 from icl_scale.methods.finetune import clipping, finetune, finetuned_scorer, restored
 from icl_scale.methods.linearized import check_linearizable
 from icl_scale.modeling.load import SeededNetwork, load_model, max_positions
@@ -45,7 +45,7 @@ log = logging.getLogger("icl_scale")
 
 
 def run_setting(cfg, model, trained: list[Trained], job: Job, setting: str, run_dir: Path, h: str, state, progress,
-                backend, network: SeededNetwork, owner: int | None = None) -> None:
+                backend, network: SeededNetwork, sizer: BatchSizer, owner: int | None = None) -> None:
     """Evaluate one setting of a job on this rank's share (finetuning first for FT settings).
     Under ZeRO-3 every forward is a collective: all ranks finetune if any rank has work left, and
     score the same number of queries (the shorter shares padded with discarded ones)."""
@@ -69,10 +69,11 @@ def run_setting(cfg, model, trained: list[Trained], job: Job, setting: str, run_
             with restored(trained, backend):
                 cache = finetune_job(cfg, model, trained, job, setting, run_dir, h, state, progress, backend, owner)
                 with progress.clock.phase("evaluate"):
-                    score_share(cfg, model, job, cache, todo, writer, progress, steps, filler)
+                    score_share(cfg, model, job, cache, todo, writer, progress, steps, filler, sizer)
         else:
             with progress.clock.phase("evaluate"):
-                score_share(cfg, model, job, PrefixCache(model, prefix), todo, writer, progress, steps, filler)
+                score_share(cfg, model, job, PrefixCache(model, prefix), todo, writer, progress, steps, filler,
+                            sizer)
     writer.close()
     log.info("job %s/%s seed %d: %d done now, %d before", job.task, setting, job.seed, len(todo), len(share) - len(todo))
 
@@ -98,13 +99,14 @@ def finetune_job(cfg, model, trained, job: Job, setting: str, run_dir: Path, h: 
 
 
 def score_share(cfg, model, job: Job, cache, todo: list[dict], writer: ShardWriter, progress, steps: int,
-                filler: dict) -> None:
+                filler: dict, sizer: BatchSizer) -> None:
     """Score `todo`, then (lockstep) `filler` until `steps` queries ran; only todo is recorded."""
     options = job.enc.options()
     queries = sorted(((job.enc.input_ids(r), r) for r in todo), key=lambda qr: len(qr[0]))  # less padding
     queries += [(job.enc.input_ids(filler), None)] * (steps - len(todo))
-    for i in range(0, len(queries), cfg.eval.batch_size):
-        batch = queries[i:i + cfg.eval.batch_size]
+    size = sizer.size(model, cache, [q for q, _ in queries], options, cfg.eval.record_position, cfg.eval.capture)
+    writer.note(batch_size=size, batch_probe_s_per_query=sizer.probe if not sizer.fixed else None)
+    for batch in batches(queries, size):
         scored = score_batch(model, cache, [q for q, _ in batch], options, cfg.eval.record_position, cfg.eval.capture)
         for (_, row), s in zip(batch, scored):
             if row is not None:
@@ -161,6 +163,8 @@ def run(cfg: C.RunConfig, proc: Process | None = None) -> dict | None:
     # Plain PyTorch: no collective inside a job, so a failing job is recorded and skipped, and each
     # FT job goes whole to one rank. Under DeepSpeed every rank takes part in every FT step.
     network = SeededNetwork(model, cfg.model.untrained, after=lambda: backend.resync(trained))
+    sizer = BatchSizer(cfg.eval.batch_size, cfg.eval.max_batch, backend.lockstep,
+                       agree=(lambda b: dist.all_min(state, b)) if backend.lockstep else (lambda b: b))
     tolerant = not backend.collective
     work = schedule(jobs, state.num_processes, whole_ft_jobs=tolerant)
     total = sum(len(job.eval_rows) * len(job.prompts) for job in jobs)
@@ -170,10 +174,10 @@ def run(cfg: C.RunConfig, proc: Process | None = None) -> dict | None:
     with Progress(state, run_dir, clock, total=total, jobs=len(work)) as progress:
         log.info("rank %d/%d, model %s, %d jobs", state.process_index, state.num_processes, cfg.model.name, len(jobs))
         if searching:
-            lr_search.search(cfg, model, trained, jobs, run_dir, h, state, progress, backend, network)
+            lr_search.search(cfg, model, trained, jobs, run_dir, h, state, progress, backend, network, sizer)
         for job, setting, owner in work:
             try:
-                run_setting(cfg, model, trained, job, setting, run_dir, h, state, progress, backend, network, owner)
+                run_setting(cfg, model, trained, job, setting, run_dir, h, state, progress, backend, network, sizer, owner)
                 rundir.clear_failure(run_dir, job.task, setting, job.seed, state.process_index)
             except (RuntimeError, MemoryError) as e:
                 if not tolerant:

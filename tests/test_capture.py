@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from bench.common import score_full, score_query
-from icl_scale.methods.evaluate import PrefixCache, score_batch
+from icl_scale.methods.evaluate import PrefixCache, score_batch, shared_prefix_attention
 from icl_scale.modeling.capture import attention_modules, capture
 from icl_scale.modeling.load import load_model
 from icl_scale.prompts import Encoder, fit_prompt, zsl_prompt
@@ -122,14 +122,32 @@ def test_multi_token_option_score_is_mean_log_softmax():
     assert got.pred == max(range(2), key=lambda i: got.option_scores[i])
 
 
+SHARED = shared_prefix_attention   # the real one, under the counting wrapper
+
+
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("record", ["prediction", "answer"])
-def test_batched_queries_match_one_at_a_time(name, attn, record, cb_rows):
+def test_batched_queries_match_one_at_a_time(name, attn, record, cb_rows, monkeypatch):
+    """A batch over one shared prefix copy (architectures on the attention interface; sliding
+    windows score one at a time) equals each query alone; the prefix cache is left as it was."""
+    import icl_scale.methods.evaluate as E
+
+    layers = []
+    monkeypatch.setattr(E, "shared_prefix_attention",
+                        lambda kv, mask, module, *a: layers.append((module.layer_idx, kv[module.layer_idx][0].shape[0]))
+                        or SHARED(kv, mask, module, *a))
     model, enc, split, icl = cb_setup(name, attn, cb_rows)
     cache = PrefixCache(model, icl.prefix_ids)
+    keys = [layer.keys.clone() for layer in cache.cache.layers]
     queries = [enc.input_ids(r) for r in split.eval]
     assert len({len(q) for q in queries}) > 1  # different lengths: padding is exercised
     batched = score_batch(model, cache, queries, enc.options(), record)
+    n_layers = model.config.num_hidden_layers
+    if cache.shares and cache.max_batch is None:   # every layer attended to the one prefix copy
+        assert sorted(set(layers)) == [(i, 1) for i in range(n_layers)]
+    else:
+        assert layers == []
+    assert all(torch.equal(k, layer.keys) for k, layer in zip(keys, cache.cache.layers))
     for q, a in zip(queries, batched):
         assert_same_scored(a, score_query(model, cache, q, enc.options(), record))

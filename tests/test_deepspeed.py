@@ -101,6 +101,19 @@ def test_xglm_finetuning_on_two_processes_matches_one(tmp_path, data_dir, ds):
     assert_same_finetuning(tmp_path / "plain/run", tmp_path / "two/run", "sgd", n_weights=2 * 4)
 
 
+def test_automatic_batch_size_in_zero3_lockstep(plain, tmp_path, data_dir):
+    """ZeRO-3 runs every forward as a collective: the automatic batch size is probed by every rank
+    at every size and agreed (the ranks' smallest), so the lockstep holds; the records equal the
+    batch-1 plain run to float rounding."""
+    r = launch(args(tmp_path, data_dir, "--finetune.deepspeed", "ds_configs/zero3_offload.json",
+                    "--eval.batch_size", "0", "--eval.max_batch", "4"), nproc=2)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for job in globbed(tmp_path / "run", "shards/*/*/seed1"):
+        sizes = {json.loads((job / f"manifest-r{k}.json").read_text())["batch_size"] for k in (0, 1)}
+        assert len(sizes) == 1 and sizes <= {1, 2, 4}, job
+    assert_same_finetuning(plain("sgd"), tmp_path / "run", "sgd")
+
+
 def assert_same_finetuning(ref, run_dir, optimizer, n_weights=3 * 2):
     """Records, FT logs and the trained k/v weights of two runs agree."""
     # records are fp16: a 1e-9 difference in fp32 can move one value by one fp16 step

@@ -60,3 +60,29 @@ def test_default_job_on_two_processes(tmp_path, data_dir):
     chosen = json.loads((run_dir / "lr_search" / "sst2.json").read_text())["rates"]
     assert set(chosen) == {"ft", "ft_lin"} and json.loads((run_dir / "ft/sst2/ft/seed1.json").read_text())["lr"] == chosen["ft"]
     assert "| sst2 | 1 |" in report and f"| cb | 1 | offline:cb-jsonl | 4 of 56 | official | {meta['k_effective']}/32 |" in report
+
+
+def test_real_model_shared_prefix_batches_equal_batch_one(data_dir):
+    """AG News ICL (a prefix of > 1,200 tokens) on SmolLM2-135M: batches over one shared prefix
+    copy, at the automatic size and at 8, give batch 1's predictions, option scores within 1e-4
+    and the same capture points to float rounding."""
+    from icl_scale.methods.evaluate import BatchSizer, batches, score_batch
+
+    model, tok = load_model("smollm2-135m", "sdpa")
+    spec = get_task("agnews")
+    split = split_task(spec, load_source(spec, "offline", str(data_dir), ""), seed=1, k=32, eval_max=12)
+    enc = Encoder(spec, tok)
+    prompt = fit_prompt(enc, split.demos, split.eval_full, 2048)
+    cache = PrefixCache(model, prompt.prefix_ids)
+    queries = sorted((enc.input_ids(r) for r in split.eval), key=len)
+    one = [score_batch(model, cache, [q], enc.options())[0] for q in queries]
+    sizer = BatchSizer(0, most=8)
+    auto = sizer.size(model, cache, queries, enc.options(), "prediction", True)
+    assert auto in sizer.probe and set(sizer.probe) >= {1, 2}
+    for size in sorted({auto, 8}):
+        got = [s for b in batches(queries, size) for s in score_batch(model, cache, b, enc.options())]
+        assert [s.pred for s in got] == [s.pred for s in one], size
+        for a, b in zip(one, got):
+            torch.testing.assert_close(torch.tensor(b.option_scores), torch.tensor(a.option_scores), atol=1e-4, rtol=0)
+            torch.testing.assert_close(b.attn_out, a.attn_out, atol=1e-4, rtol=1e-3)
+            torch.testing.assert_close(b.scores, a.scores, atol=1e-3, rtol=1e-3)

@@ -86,6 +86,10 @@ class ShardWriter:
         self.buf: list[dict] = []
         self.nbytes = 0
 
+    def note(self, **fields) -> None:
+        """Facts of this rank's pass kept in its manifest (e.g. the batch size it scored with)."""
+        self.manifest.update(fields)
+
     def add(self, rec: dict) -> None:
         """rec: id, gold, pred, option_scores (list), and attn_out [L, d] / scores [L, H, n] (arrays or
         CPU tensors) or None."""

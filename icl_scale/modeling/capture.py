@@ -34,6 +34,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 
 _ACTIVE: "Captured | None" = None
 _DUAL_ATTENTION = None   # attention of dual q/k/v with its tangent written out (methods/linearized.py)
+_PREFIX_ATTENTION = None  # attention over a shared, uncopied prefix plus the batch's own keys (methods/evaluate.py)
 
 
 def _value(t: torch.Tensor) -> torch.Tensor:
@@ -94,12 +95,16 @@ def _record_scores(module, query, key, scaling, kwargs):
 
 def _eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     _record_scores(module, query, key, scaling, kwargs)
+    if _PREFIX_ATTENTION is not None:
+        return _PREFIX_ATTENTION(module, query, key, value, scaling, kwargs)
     base = sys.modules[type(module).__module__].eager_attention_forward  # the model's own eager path
     return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
 def _sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     _record_scores(module, query, key, scaling, kwargs)
+    if _PREFIX_ATTENTION is not None:
+        return _PREFIX_ATTENTION(module, query, key, value, scaling, kwargs)
     if any(fwAD.unpack_dual(t).tangent is not None for t in (query, key, value)):
         if _DUAL_ATTENTION and not dropout and plain_scores(kwargs) and kwargs.get("s_aux") is None:
             return _DUAL_ATTENTION(module, query, key, value, attention_mask, scaling, kwargs)
@@ -120,6 +125,18 @@ def dual_attention(fn):
         yield
     finally:
         _DUAL_ATTENTION = before
+
+
+@contextmanager
+def prefix_attention(fn):
+    """Inside the block the wrapper's attention is `fn(module, query, key, value, scaling, kwargs)`:
+    the forward carries only the batch's own tokens and `fn` adds the prefix it holds."""
+    global _PREFIX_ATTENTION
+    before, _PREFIX_ATTENTION = _PREFIX_ATTENTION, fn
+    try:
+        yield
+    finally:
+        _PREFIX_ATTENTION = before
 
 
 def plain_scores(kwargs) -> bool:

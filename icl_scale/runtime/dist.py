@@ -35,6 +35,11 @@ def all_max(state, value: int) -> int:
     return int(t.item())
 
 
+def all_min(state, value: int) -> int:
+    """The smallest `value` over the ranks."""
+    return -all_max(state, -value)
+
+
 def peak_gpu_mib(state) -> float | None:
     """This rank's peak allocated GPU memory (None on CPU)."""
     return round(torch.cuda.max_memory_allocated(state.device) / 2**20, 1) if state.device.type == "cuda" else None
