@@ -75,6 +75,6 @@ def score_full(model, prefix_ids, query_ids, options, record="prediction", do_ca
         with capture(model, len(chunk)) as cap, torch.no_grad():
             model(input_ids=torch.tensor([list(prefix_ids) + chunk], device=model.device), use_cache=False,
                   logits_to_keep=1)
-        attn_out, scores = cap.stacked(model.config.num_hidden_layers)
+        attn_out, scores = cap.stacked()
         res.attn_out, res.scores = attn_out[0], scores[0]
     return res

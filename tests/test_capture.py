@@ -38,7 +38,7 @@ def test_scores_softmax_to_eager_probabilities(name, attn):
     pos = ids.shape[1] - 1
     with capture(model, pos + 1) as cap, torch.no_grad():
         model(input_ids=ids)
-    out, scores = (t[0] for t in cap.stacked(model.config.num_hidden_layers))
+    out, scores = (t[0] for t in cap.stacked())
     twin = eager_twin(model)
     seen = {}
     handles = [out_proj(a).register_forward_hook(lambda m, i, o, l=a.layer_idx: seen.__setitem__(l, o[0, pos]))
@@ -61,7 +61,7 @@ def test_scores_after_cached_prefix_are_the_query_columns(name):
     cache = PrefixCache(model, prefix)
     with capture(model, len(query)) as cap:
         cache.forward([query], 1)
-    scores = cap.stacked(model.config.num_hidden_layers)[1][0]
+    scores = cap.stacked()[1][0]
     with torch.no_grad():
         probs = eager_twin(model)(input_ids=torch.tensor([prefix + query]), output_attentions=True).attentions
     for layer in range(model.config.num_hidden_layers):

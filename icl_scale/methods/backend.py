@@ -36,6 +36,11 @@ class TorchBackend:
     def grads(self, loss, trained):
         return list(torch.autograd.grad(loss, [t.param for t in trained]))
 
+    def masks(self, opt) -> bool:
+        """Whether a zero gradient is a skipped step (plain SGD), so a non-finite step can be
+        skipped on the device; else the loop asks the host."""
+        return type(opt) is torch.optim.SGD
+
     def apply(self, trained, grads, opt, deltas=None):
         """One update with the (clipped) gradients: of the trained parameters, or with `deltas`
         (the linearized model) of δ."""
@@ -93,6 +98,9 @@ class DeepSpeedBackend(TorchBackend):
             g = safe_get_full_grad(t.param).detach().clone().reshape(full_shape(t.param))
             out.append(g * t.mask if t.mask is not None else g)
         return out
+
+    def masks(self, opt) -> bool:
+        return False   # the engine steps its own state
 
     def apply(self, trained, grads, opt, deltas=None):
         from deepspeed.utils import safe_set_full_grad

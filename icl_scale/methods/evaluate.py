@@ -135,7 +135,7 @@ def score_batch(model, cache, queries: list[list[int]], options: list[list[int]]
     if do_capture:
         with capture(model, T) as cap:
             logits = cache.forward(chunks, keep)
-        attn_out, scores = cap.stacked(model.config.num_hidden_layers)
+        attn_out, scores = cap.stacked()
     else:
         logits = cache.forward(chunks, keep)
     singles = [i for i, opt in enumerate(options) if len(opt) == 1]

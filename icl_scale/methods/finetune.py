@@ -9,7 +9,6 @@ Finetuning changes the model in place; `restored()` puts θ0 back after the job'
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -34,79 +33,99 @@ class FTLog:
     clipped: list[list[int]] = field(default_factory=list)        # per step: the layers the clip changed
 
 
-def _layer_norms(trained: list[Trained], grads: list[torch.Tensor], n_layers: int) -> list[float]:
-    sq = [0.0] * n_layers
+def _layer_sq_norms(trained: list[Trained], grads: list[torch.Tensor], n_layers: int) -> torch.Tensor:
+    """Per-layer squared L2 norms of the gradient, float64 [n_layers], on the gradients' device."""
+    sq = torch.zeros(n_layers + 1, dtype=torch.float64, device=grads[0].device)   # the last slot: layer -1
     for t, g in zip(trained, grads):
-        if t.layer >= 0:
-            sq[t.layer] += float(g.double().pow(2).sum())
-    return [math.sqrt(v) for v in sq]
+        sq[t.layer] += g.double().pow(2).sum()
+    return sq[:n_layers]
 
 
-def clip_(trained: list[Trained], grads: list[torch.Tensor], how: str, value: float) -> list[int]:
-    """Clip in place (settings.CLIP_MODES); returns the layers the clip changed (all trained
-    layers when one factor scales the whole gradient), for how often each bound binds."""
+def clip_(trained: list[Trained], grads: list[torch.Tensor], how: str, value: float) -> torch.Tensor:
+    """Clip in place (settings.CLIP_MODES); returns which layers the clip changed, bool
+    [n_layers] on the device (all trained layers when one factor scales the whole gradient), for
+    how often each bound binds. No host synchronisation: a gradient that stays is multiplied by
+    exactly 1."""
+    n_layers = 1 + max(t.layer for t in trained)
+    dev = grads[0].device
+    trained_layers = torch.zeros(n_layers, dtype=torch.bool, device=dev)
+    trained_layers[[t.layer for t in trained if t.layer >= 0]] = True
     if how == "none":
-        return []
-    layers = sorted({t.layer for t in trained if t.layer >= 0})
+        return torch.zeros_like(trained_layers)
     if how == "elem_clamp":
-        hit = set()
+        hit = torch.zeros(n_layers + 1, dtype=torch.bool, device=dev)
         for t, g in zip(trained, grads):
-            if bool((g.abs() > value).any()):
-                hit.add(t.layer)
-                g.clamp_(-value, value)
-        return sorted(hit & set(layers))
+            hit[t.layer] |= (g.abs() > value).any()
+            g.clamp_(-value, value)
+        return hit[:n_layers] & trained_layers
     if how == "linf_rescale":
-        top = max(float(g.abs().max()) for g in grads)
-        if top <= value:
-            return []
+        top = torch.stack([g.abs().max() for g in grads]).max().double()
+        factor = torch.where(top > value, value / top, 1.0)
         for g in grads:
-            g.mul_(value / top)
-        return layers
-    groups: dict[int, list[torch.Tensor]] = {}
-    for t, g in zip(trained, grads):
-        groups.setdefault(-1 if how == "global_l2" else t.layer, []).append(g)
-    hit = []
-    for layer, gs in groups.items():
-        norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in gs))
-        if norm > value:
-            hit.append(layer)
-            for g in gs:
-                g.mul_(value / norm)
+            g.mul_(factor)
+        return trained_layers & (top > value)
     if how == "global_l2":
-        return layers if hit else []
-    return sorted(h for h in hit if h >= 0)
+        norm = torch.stack([g.double().pow(2).sum() for g in grads]).sum().sqrt()
+        factor = torch.where(norm > value, value / norm, 1.0)
+        for g in grads:
+            g.mul_(factor)
+        return trained_layers & (norm > value)
+    sq = torch.zeros(n_layers + 1, dtype=torch.float64, device=dev)   # layer_l2; the last slot: layer -1
+    for t, g in zip(trained, grads):
+        sq[t.layer] += g.double().pow(2).sum()
+    norm = sq.sqrt()
+    factor = torch.where(norm > value, value / norm, 1.0)
+    for t, g in zip(trained, grads):
+        g.mul_(factor[t.layer])
+    return (norm > value)[:n_layers] & trained_layers
 
 
 def finetune(model, method: str, trained: list[Trained], sequences: list[list[int]], lr: float,
              optimizer: str = "sgd", clip: str = "none", clip_value: float = 1.0, backend=None):
     """Run one FT setting (`method`, a name of settings.py); returns (log, deltas) — δ for the
-    linearized model, else None. `backend` runs backward and the update: plain PyTorch by default."""
+    linearized model, else None. `backend` runs backward and the update: plain PyTorch by default.
+    What a step records stays on the device until the job ends (one copy to the host); a step
+    whose loss or gradient is not finite is skipped — without asking the host where the backend
+    can mask the update (plain SGD: a zero gradient leaves the weights exactly as they were)."""
     backend = backend or TorchBackend()
     setting = SETTINGS[method]
     loss_of = LOSSES[setting.loss]
-    log = FTLog(method, lr, clip, clip_value)
     n_layers = model.config.num_hidden_layers
     deltas = ([torch.zeros(full_shape(t.param), dtype=t.param.dtype, device=model.device) for t in trained]
               if setting.linearized else None)
     opt = backend.optimizer(optimizer, lr, trained, deltas)
+    steps = []
     model.train()  # dropout is 0 everywhere; train mode only for modules that care
     for seq in sequences:
         ids = torch.tensor([seq], device=model.device)
         loss = loss_of(model, ids, trained, deltas)
         grads = backend.grads(loss, trained)  # masked to k/v parts by the parameter hooks
-        log.steps += 1
-        if not torch.isfinite(loss) or not all(torch.isfinite(g).all() for g in grads):
-            log.skipped += 1   # counted and reported, never silent
+        finite = torch.isfinite(loss.detach()) & torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        norms = _layer_sq_norms(trained, grads, n_layers).sqrt()
+        hit = clip_(trained, grads, clip, clip_value)
+        if backend.masks(opt):
+            backend.apply(trained, [torch.where(finite, g, 0.0) for g in grads], opt, deltas)
+        elif bool(finite):
+            backend.apply(trained, grads, opt, deltas)
+        steps.append(torch.cat([loss.detach().double().reshape(1), norms, hit.double(), finite.double().reshape(1)]))
+    model.eval()
+    return _log(method, lr, clip, clip_value, steps, n_layers), deltas
+
+
+def _log(method, lr, clip, clip_value, steps: list[torch.Tensor], n_layers: int) -> FTLog:
+    """The job's log from its per-step device rows [loss, norms (L), clipped (L), finite]."""
+    log = FTLog(method, lr, clip, clip_value, steps=len(steps))
+    for row in (torch.stack(steps).cpu().tolist() if steps else []):
+        if not row[-1]:   # counted and reported, never silent
+            log.skipped += 1
             log.losses.append(float("nan"))
             log.grad_norms.append([float("nan")] * n_layers)
             log.clipped.append([])
             continue
-        log.losses.append(float(loss.detach()))
-        log.grad_norms.append(_layer_norms(trained, grads, n_layers))
-        log.clipped.append(clip_(trained, grads, clip, clip_value))
-        backend.apply(trained, grads, opt, deltas)
-    model.eval()
-    return log, deltas
+        log.losses.append(row[0])
+        log.grad_norms.append(row[1:1 + n_layers])
+        log.clipped.append([i for i, h in enumerate(row[1 + n_layers:1 + 2 * n_layers]) if h])
+    return log
 
 
 @contextmanager

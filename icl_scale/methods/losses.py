@@ -56,26 +56,40 @@ def layer_causal(model):
             h.remove()
 
 
-class _HeadLoss(torch.autograd.Function):
-    """loss_l = NLL(head(norm(h_l))) whose gradient with respect to h_l is computed at once and kept
-    ([T, d]) instead of the [T, V] logits autograd would keep until the backward: with the head
-    frozen, the per-layer logits of all L layers would otherwise be alive together (62 layers ×
-    1,024 tokens × 262k vocabulary in float32 is 62 GiB). The same kernels on the same values as
-    the plain graph, so the gradients are bit for bit the same."""
+HEAD_CHUNK_BYTES = 2**30   # logits (and their gradient) of the layers that share one LM-head matmul
+
+
+class _HeadLosses(torch.autograd.Function):
+    """loss_l = NLL(head(norm(h_l))) for a chunk of layers, their head passes as one matmul over
+    the chunk's stacked tokens (full matmul efficiency, one launch per chunk). The gradient with
+    respect to each h_l is computed at once and kept ([T, d]) instead of the [T, V] logits
+    autograd would keep until the backward: with the head frozen, the per-layer logits of all L
+    layers would otherwise be alive together (62 layers × 1,024 tokens × 262k vocabulary in
+    float32 is 62 GiB); a chunk is sized so its logits stay within HEAD_CHUNK_BYTES."""
 
     @staticmethod
-    def forward(ctx, h, norm, head, ids):
+    def forward(ctx, norm, head, ids, *hs):
         with torch.enable_grad():
-            leaf = h.detach().requires_grad_(h.requires_grad)
-            loss = sequence_nll(head(norm(leaf)), ids)
-            grad = torch.autograd.grad(loss, leaf)[0] if h.requires_grad else None
-        ctx.save_for_backward(grad)
-        return loss.detach()
+            leaves = [h.detach().requires_grad_(h.requires_grad) for h in hs]
+            logits = head(torch.cat([norm(leaf) for leaf in leaves], dim=1))   # [1, c·T, V]
+            T = ids.shape[1]
+            losses = torch.stack([sequence_nll(logits[:, i * T:(i + 1) * T], ids) for i in range(len(hs))])
+            need = [leaf for leaf in leaves if leaf.requires_grad]
+            grads = list(torch.autograd.grad(losses.sum(), need)) if need else []
+        ctx.save_for_backward(*grads)
+        ctx.has = [h.requires_grad for h in hs]
+        return losses.detach()
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
-        return (None if grad is None else grad * grad_loss), None, None, None   # × 1.0 is exact
+    def backward(ctx, grad_losses):
+        grads = iter(ctx.saved_tensors)
+        out = [next(grads) * grad_losses[i] if has else None for i, has in enumerate(ctx.has)]   # × 1.0 is exact
+        return (None, None, None, *out)
+
+
+def head_chunks(n_layers: int, tokens: int, vocab: int) -> int:
+    """Layers per head matmul: logits and their gradient (float32) of the chunk within HEAD_CHUNK_BYTES."""
+    return max(1, min(n_layers, HEAD_CHUNK_BYTES // max(1, 2 * 4 * tokens * vocab)))
 
 
 def layer_causal_loss(model, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -83,7 +97,8 @@ def layer_causal_loss(model, ids: torch.Tensor) -> tuple[torch.Tensor, list[torc
     norm, head = final_norm(model), model.get_output_embeddings()
     with layer_causal(model) as outs:
         model.base_model(input_ids=ids)
-    losses = [_HeadLoss.apply(h, norm, head, ids) for h in outs]
+    c = head_chunks(len(outs), ids.shape[1], model.config.vocab_size)
+    losses = [loss for i in range(0, len(outs), c) for loss in _HeadLosses.apply(norm, head, ids, *outs[i:i + c])]
     return torch.stack(losses).sum(), losses
 
 

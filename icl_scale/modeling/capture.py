@@ -68,15 +68,24 @@ def implementation(model_type: str, attn: str) -> str:
 
 @dataclass
 class Captured:
+    """The points of one forward, gathered on the model's device into one float32 buffer per kind
+    (allocated at a kind's first layer; a hook copies into its slot, so no layer's activations
+    are kept alive and nothing waits for the host); `stacked()` is the one copy to the host."""
     n_keys: int
-    attn_out: dict[int, torch.Tensor] = field(default_factory=dict)
-    scores: dict[int, torch.Tensor] = field(default_factory=dict)
+    n_layers: int
+    attn_out: torch.Tensor | None = None   # [B, L, d]
+    scores: torch.Tensor | None = None     # [B, L, H, n_keys]
 
-    def stacked(self, n_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """attn_out [B, L, d], scores [B, L, H, n_keys], both float32 on CPU."""
-        out = torch.stack([self.attn_out[l] for l in range(n_layers)], dim=1).float().cpu()
-        sc = torch.stack([self.scores[l] for l in range(n_layers)], dim=1).float().cpu()
-        return out, sc
+    def put(self, kind: str, layer: int, x: torch.Tensor) -> None:
+        buf = getattr(self, kind)
+        if buf is None:
+            buf = x.new_empty((x.shape[0], self.n_layers, *x.shape[1:]), dtype=torch.float32)
+            setattr(self, kind, buf)
+        buf[:, layer].copy_(x)
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """attn_out [B, L, d], scores [B, L, H, n_keys], float32 on the CPU."""
+        return self.attn_out.cpu(), self.scores.cpu()
 
 
 def _record_scores(module, query, key, scaling, kwargs):
@@ -90,7 +99,7 @@ def _record_scores(module, query, key, scaling, kwargs):
     softcap = kwargs.get("softcap")
     if softcap:
         s = torch.tanh(s / softcap) * softcap
-    cap.scores[module.layer_idx] = _value(s)
+    cap.put("scores", module.layer_idx, _value(s))
 
 
 def _eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -183,7 +192,7 @@ def _projection_hooks(attn, names: Projections, cap: Captured) -> list:
         q, keys = last_q.pop("q"), output[:, -cap.n_keys:]
         b, n, h = keys.shape[0], keys.shape[1], attn.num_heads
         s = torch.einsum("bhd,bnhd->bhn", q.reshape(b, h, -1), keys.reshape(b, n, h, -1))
-        cap.scores[attn.layer_idx] = _value(s)
+        cap.put("scores", attn.layer_idx, _value(s))
 
     return [getattr(attn, names.q).register_forward_hook(on_q), getattr(attn, names.k).register_forward_hook(on_k)]
 
@@ -193,13 +202,14 @@ def capture(model, n_keys: int):
     """Record every capture point at the last position of the forward inside the block, with
     scores against the last `n_keys` tokens."""
     global _ACTIVE
-    cap = Captured(n_keys)
+    modules = attention_modules(model)
+    cap = Captured(n_keys, len(modules))
     handles = []
     names = MECHANISMS.get(model.config.model_type)
-    for m in attention_modules(model):
+    for m in modules:
         def hook(mod, args, output, _l=m.layer_idx):
             out = output[0] if isinstance(output, tuple) else output
-            cap.attn_out[_l] = _value(out[:, -1])
+            cap.put("attn_out", _l, _value(out[:, -1]))
         handles.append(m.register_forward_hook(hook))
         if names is not None:
             handles += _projection_hooks(m, names, cap)
