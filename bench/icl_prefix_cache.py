@@ -13,7 +13,7 @@ import argparse
 
 from common import agnews_setup, median, score_full, score_query, timed
 
-from icl_scale.methods.evaluate import PrefixCache, score_batch
+from icl_scale.methods.evaluate import BatchSizer, PrefixCache, score_batch
 
 
 def main():
@@ -22,7 +22,8 @@ def main():
     ap.add_argument("--data-dir", default="../shared/data")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--max-length", type=int, default=2048)
-    ap.add_argument("--batch", type=int, default=8, help="queries per forward in the batched run")
+    ap.add_argument("--batch", type=int, default=0, help="queries per forward in the batched run (0: the automatic "
+                    "size the runner would choose, eval.batch_size 0)")
     args = ap.parse_args()
     model, enc, prompt, rows = agnews_setup(args.data_dir, args.queries, args.model, args.max_length)
     build, cache = timed(lambda: PrefixCache(model, prompt.prefix_ids))
@@ -43,10 +44,11 @@ def main():
     order = sorted(range(len(rows)), key=lambda i: len(enc.input_ids(rows[i])))
     queries = [enc.input_ids(rows[i]) for i in order]
     preds = [preds[i] for i in order]
+    size = args.batch or BatchSizer(0).size(model, cache, queries, enc.options(), "prediction", False)
     batched, batch_preds = [], []
-    for i in range(0, len(queries), args.batch):
-        t, out = timed(lambda: score_batch(model, cache, queries[i:i + args.batch], enc.options(), do_capture=False))
-        batched.append(t / len(queries[i:i + args.batch]))
+    for i in range(0, len(queries), size):
+        t, out = timed(lambda: score_batch(model, cache, queries[i:i + size], enc.options(), do_capture=False))
+        batched.append(t / len(queries[i:i + size]))
         batch_preds += [s.pred for s in out]
     print(f"{args.model} on {torch.cuda.get_device_name() if model.device.type == 'cuda' else 'cpu'}")
     print(f"prefix {len(prompt.prefix_ids)} tokens (K={prompt.k_effective}), queries median {median(qlens)} tokens, "
@@ -55,7 +57,8 @@ def main():
           f"full recompute with all logits {median(ref):.4f}")
     print(f"prefix reuse speed-up = {median(full) / median(cached):.1f}x over full recompute, "
           f"{median(ref) / median(cached):.1f}x over reference-style recompute (same predictions: {same}/{len(rows)})")
-    print(f"prefix reuse, batches of {args.batch}: {median(batched):.4f} s/query, speed-up = "
+    print(f"prefix reuse, batches of {size}{'' if args.batch else ' (automatic)'}: {median(batched):.4f} s/query "
+          f"= {median(cached) / median(batched):.2f}x batch 1, speed-up = "
           f"{median(full) / median(batched):.1f}x over full recompute, {median(ref) / median(batched):.1f}x over "
           f"reference-style (same predictions: {sum(map(int.__eq__, preds, batch_preds))}/{len(rows)})")
 

@@ -26,7 +26,7 @@ def _config_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
     p.add_argument("--preset", help=f"start from a preset config: {', '.join(C.presets())} "
                                     "(icl_scale/presets/<name>.yaml)")
     p.add_argument("--config", help="YAML file with any subset of the config tree (sections "
-                                    "model, data, eval, finetune, output, suite, report); over the preset")
+                                    "model, data, eval, finetune, output, suite, sweep, report); over the preset")
     for name, f, typ in C.leaves():
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if typing.get_origin(typ) is tuple:
@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_parser(sub, "run", "evaluate and finetune every task and seed, stream shards, write the report")
     _config_parser(sub, "suite", "the whole study in one launch: every variant of suite.variants (base, "
                                  "label switching, untrained control) as a run, then one suite report")
+    _config_parser(sub, "sweep", "the study over models × k in one launch: every (model, k) of sweep.models × "
+                                 "sweep.k as a run, then one sweep report (figures against model size and k)")
     r = sub.add_parser("report", help="rebuild reports/<run>/ (report.md, metrics.csv, results.json, figures) "
                                       "from a run dir and print the summary")
     r.add_argument("run_dir")
@@ -54,17 +56,33 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _config_of(args) -> C.RunConfig:
+    return C.load(args.config, {k: v for k, v in vars(args).items() if "." in k}, args.preset)
+
+
+def parse_config(argv: list[str], command: str = "suite") -> C.RunConfig:
+    """The config `icl-scale <command> <argv>` runs."""
+    return _config_of(build_parser().parse_args([command, *argv]))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command in ("run", "suite"):
-            overrides = {k: v for k, v in vars(args).items() if "." in k}
-            cfg = C.load(args.config, overrides, args.preset)
+        if args.command in ("run", "suite", "sweep"):
+            cfg = _config_of(args)
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             if args.command == "run":
                 from icl_scale.run import run
 
                 run(cfg)
+            elif args.command == "sweep":
+                from icl_scale.sweep import sweep
+
+                failed = sweep(cfg)
+                if failed:
+                    print(f"icl-scale: sweep: {len(failed)} member(s) failed: {', '.join(failed)} (see the sweep "
+                          "report)", file=sys.stderr)
+                    return 1
             else:
                 from icl_scale.suite import suite
 
@@ -76,6 +94,15 @@ def main(argv: list[str] | None = None) -> int:
             from icl_scale.runtime.progress import console
 
             exclude = None if args.exclude_diverged is None else args.exclude_diverged == "true"
+            if (Path(args.run_dir) / "sweep.json").is_file():   # a sweep dir: its members' reports, then its own
+                from icl_scale.report.sweep import read_sweep, write_sweep_report
+
+                for m in read_sweep(Path(args.run_dir)):
+                    if m["results"] is not None:
+                        write_report(Path(args.run_dir) / m["run_dir"], Path(args.report_dir) / Path(args.run_dir).name,
+                                     exclude_diverged=exclude)
+                write_sweep_report(Path(args.run_dir), Path(args.report_dir), console=console())
+                return 0
             write_report(Path(args.run_dir), Path(args.report_dir), console=console(), compare=args.compare_reference,
                          exclude_diverged=exclude)
     except UserError as e:

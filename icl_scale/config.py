@@ -137,6 +137,14 @@ class SuiteConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    models: tuple[str, ...] = knob((), "models of `icl-scale sweep`, each as model.name takes it (empty: model.name); "
+                                   "'name=ds_configs/x.json' finetunes that model under its own DeepSpeed config",
+                                   result=False)
+    k: tuple[int, ...] = knob((), "demonstrations drawn (data.k) of `icl-scale sweep` (empty: data.k)", result=False)
+
+
+@dataclass(frozen=True)
 class ReportConfig:
     exclude_diverged: bool = knob(False, "leave FT runs flagged diverged (last loss above the first, or non-finite) "
                                   "out of every mean and average; they stay flagged in the tables", result=False)
@@ -150,11 +158,12 @@ class RunConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     suite: SuiteConfig = field(default_factory=SuiteConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
 
 _SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "eval": EvalConfig, "finetune": FinetuneConfig,
-                  "output": OutputConfig, "suite": SuiteConfig, "report": ReportConfig}
+                  "output": OutputConfig, "suite": SuiteConfig, "sweep": SweepConfig, "report": ReportConfig}
 PRESETS = Path(__file__).parent / "presets"
 
 
@@ -285,6 +294,12 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"config field eval.max_batch: {cfg.eval.max_batch} must be >= 1")
     if not cfg.eval.methods:
         raise UserError("config field eval.methods: no method given")
+    if any(k < 1 for k in cfg.sweep.k) or len(set(cfg.sweep.k)) != len(cfg.sweep.k):
+        raise UserError(f"config field sweep.k: {cfg.sweep.k} must be distinct values >= 1")
+    engines = {m.partition("=")[2] or cfg.finetune.deepspeed for m in cfg.sweep.models} - {""}
+    if len(engines) > 1:
+        raise UserError(f"config field sweep.models: DeepSpeed configs {', '.join(sorted(engines))}: one per launch "
+                        "(accelerate makes one engine configuration per process); sweep them in separate launches")
     for item in cfg.finetune.lrs:
         task, _, value = item.partition("=")
         try:

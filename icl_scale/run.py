@@ -126,7 +126,7 @@ def run(cfg: C.RunConfig, proc: Process | None = None) -> dict | None:
     clock = Clock()
     finetunes = any(SETTINGS[m].finetunes for m in cfg.eval.methods)
     with clock.phase("load"):
-        accelerator = proc.accelerator(finetunes)   # before the model: under ZeRO-3 each rank loads its share
+        accelerator = proc.accelerator(cfg, finetunes)   # before the model: under ZeRO-3 each rank loads its share
         model, tok = load_model(cfg.model.name, cfg.model.attn, cfg.model.dtype, cfg.model.cache_dir,
                                 main_first=lambda: dist.main_first(state), untrained=cfg.model.untrained,
                                 loading=partial(loading, accelerator))
@@ -142,7 +142,8 @@ def run(cfg: C.RunConfig, proc: Process | None = None) -> dict | None:
     h = C.config_hash(cfg)
     ds_config = (None if proc.ds_config is None else
                  {"file": proc.ds_file, "config": proc.ds_config, "partitioned_at_load": at_load})
-    launch = {"deepspeed": ds_config, "precision": precision}
+    launch = {"deepspeed": ds_config, "precision": precision,
+              "n_params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())}
     rundir.check_config(cfg, run_dir)
     if state.is_main_process:
         from rich.syntax import Syntax

@@ -286,7 +286,6 @@ def test_simaou_parts_and_robust_simam_from_the_records(recomputed):
 
 def test_noise_ceilings_from_the_records(run):
     """SimAOU and SimAM_Δ between the updates of one method after demonstration draws 1 and 2."""
-    run = recomputed
     results = json.loads((run / "reports/run/results.json").read_text())
     records = run_records(run / "run")
 

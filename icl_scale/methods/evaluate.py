@@ -160,7 +160,7 @@ def score_batch(model, cache, queries: list[list[int]], options: list[list[int]]
 @dataclass
 class BatchSizer:
     """Queries per forward: `fixed` (eval.batch_size ≥ 1), or with 0 found once per scoring pass
-    by scoring its longest query at 1, 2, 4, … up to `most` copies: the size with the least time
+    by scoring its longest query at 1, 2, 4, … up to `most` copies (and no more than the pass has): the size with the least time
     per query among those that fit (a CUDA out-of-memory ends the search, as does a size 25% slower
     per query than the best). Under `lockstep` (ZeRO-3: every forward a collective) every rank
     probes every size and `agree` takes the ranks' smallest choice."""
@@ -174,7 +174,7 @@ class BatchSizer:
         if self.fixed:
             return self.fixed
         longest = max(queries, key=len)
-        most = min(self.most, getattr(cache, "max_batch", None) or self.most)
+        most = min(self.most, getattr(cache, "max_batch", None) or self.most, max(1, len(queries)))
         self.probe = {}
         b = 1
         while b <= most:

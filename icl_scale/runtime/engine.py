@@ -49,28 +49,32 @@ class Process:
     ds_config: dict | None = None      # as read from ds_file
     _accelerator: object = None
 
-    def accelerator(self, finetunes: bool):
-        """The DeepSpeed Accelerator of the launch (made on first use) when it has a DeepSpeed
-        config and the run finetunes; else None (plain PyTorch)."""
-        if self.ds_config is None or not finetunes:
+    def accelerator(self, cfg, finetunes: bool):
+        """The DeepSpeed Accelerator of the launch (made on first use) when the run has the
+        launch's DeepSpeed config and finetunes; else None (plain PyTorch)."""
+        if self.ds_config is None or not finetunes or not cfg.finetune.deepspeed:
             return None
         if self._accelerator is None:
             self._accelerator = _new_accelerator(self.ds_config)
         return self._accelerator
 
     def check(self, cfg) -> None:
-        if cfg.finetune.deepspeed != self.ds_file:
+        """A run of the launch finetunes under the launch's DeepSpeed config, or plainly (a sweep's
+        model without one)."""
+        if cfg.finetune.deepspeed not in ("", self.ds_file):
             raise UserError(f"finetune.deepspeed: one DeepSpeed config per launch ({self.ds_file or 'none'}, "
-                            f"then {cfg.finetune.deepspeed or 'none'})")
+                            f"then {cfg.finetune.deepspeed})")
 
 
-def prepare_process(cfg) -> Process:
-    """The process of a launch (`icl-scale run` or `suite`): a bad DeepSpeed JSON fails here, before
-    any work; with one, the process state is DeepSpeed's from the start."""
-    ds_config = read_ds_config(cfg.finetune.deepspeed) if cfg.finetune.deepspeed else None
+def prepare_process(cfg, ds_file: str | None = None) -> Process:
+    """The process of a launch (`icl-scale run`, `suite` or `sweep`; `ds_file`: the launch's
+    DeepSpeed config, by default finetune.deepspeed): a bad DeepSpeed JSON fails here, before any
+    work; with one, the process state is DeepSpeed's from the start."""
+    ds_file = cfg.finetune.deepspeed if ds_file is None else ds_file
+    ds_config = read_ds_config(ds_file) if ds_file else None
     if ds_config is not None:
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    return Process(dist.init_state(), cfg.finetune.deepspeed, ds_config)
+    return Process(dist.init_state(), ds_file, ds_config)
 
 
 def _new_accelerator(ds_config: dict):
