@@ -76,6 +76,10 @@ class EvalConfig:
                                 "predicts the answer, or the first answer token (the reference's choice)",
                                 choices=("prediction", "answer"))
     capture: bool = knob(True, "record per-layer attention outputs and pre-softmax scores")
+    calibration: str = knob("none", "calibrated scoring reported beside the plain one: the mean option distribution "
+                            "of content-free inputs scored after the same prefix is divided out; contextual: 'N/A', "
+                            "'', '[MASK]' (Zhao et al. 2021); domain: random words of the demonstrations (Fei et al. "
+                            "2023)", choices=("none", "contextual", "domain"))
     batch_size: int = knob(1, "queries per forward after the cached prefix (left-padded, one shared copy of the "
                            "prefix); 0: automatic, found once per scoring pass (the fastest per query that fits, "
                            "recorded in the shard manifests). 1 makes every record bit-identical whatever the world "

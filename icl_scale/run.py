@@ -29,6 +29,7 @@ from icl_scale import lr_search
 from icl_scale.capture.shards import ShardWriter, done_ids
 from icl_scale.errors import first_line
 from icl_scale.methods.backend import DeepSpeedBackend, TorchBackend
+from icl_scale.methods.calibration import calibration_record, content_free_rows
 from icl_scale.methods.evaluate import BatchSizer, PrefixCache, batches, score_batch
 from icl_scale.methods.finetune import clipping, finetune, finetuned_scorer, restored
 from icl_scale.methods.linearized import check_linearizable
@@ -69,11 +70,13 @@ def run_setting(cfg, model, trained: list[Trained], job: Job, setting: str, run_
             with restored(trained, backend):
                 cache = finetune_job(cfg, model, trained, job, setting, run_dir, h, state, progress, backend, owner)
                 with progress.clock.phase("evaluate"):
+                    calibrate(cfg, model, job, setting, cache, run_dir, h)
                     score_share(cfg, model, job, cache, todo, writer, progress, steps, filler, sizer)
         else:
             with progress.clock.phase("evaluate"):
-                score_share(cfg, model, job, PrefixCache(model, prefix), todo, writer, progress, steps, filler,
-                            sizer)
+                cache = PrefixCache(model, prefix)
+                calibrate(cfg, model, job, setting, cache, run_dir, h)
+                score_share(cfg, model, job, cache, todo, writer, progress, steps, filler, sizer)
     writer.close()
     log.info("job %s/%s seed %d: %d done now, %d before", job.task, setting, job.seed, len(todo), len(share) - len(todo))
 
@@ -96,6 +99,16 @@ def finetune_job(cfg, model, trained, job: Job, setting: str, run_dir: Path, h: 
         if weights is not None:
             rundir.write_ft_weights(run_dir, job.task, setting, job.seed, trained, weights, h)
     return finetuned_scorer(model, trained, deltas, setting, job.prompts[setting].prefix_ids)
+
+
+def calibrate(cfg, model, job: Job, setting: str, cache, run_dir: Path, h: str) -> None:
+    """Score the content-free inputs after the setting's prefix (eval.calibration) and record
+    their option distribution; written before any query, so a resumed job has it."""
+    if cfg.eval.calibration == "none":
+        return
+    rows = content_free_rows(job.enc.spec, cfg.eval.calibration, job.ft_rows, job.seed)
+    record = calibration_record(model, cache, job.enc, rows, cfg.eval.calibration, cfg.eval.record_position)
+    rundir.write_calibration(run_dir, job.task, setting, job.seed, record, h)
 
 
 def score_share(cfg, model, job: Job, cache, todo: list[dict], writer: ShardWriter, progress, steps: int,

@@ -112,12 +112,25 @@ def analyze_job(run_dir: Path, task: str, seed: int, meta: dict, recs: dict[str,
     methods = list(recs)
     if not methods:
         return {"n": len(meta["eval_ids"]), "acc": {}, "meta": meta, "ft_logs": {}}, {}
-    small = {s: r.small(("ids", "gold", "pred")) for s, r in recs.items()}
+    small = {s: r.small(("ids", "gold", "pred", "option_scores")) for s, r in recs.items()}
     gold = small[methods[0]]["gold"]
     pred = {s: small[s]["pred"] for s in methods}
+    probs = {s: M.option_probs(small[s]["option_scores"]) for s in methods}
     ft = ft_settings(methods)
-    res: dict = {"n": len(gold), "acc": {s: M.accuracy(p, gold) for s, p in pred.items()}, "meta": meta}
-    examples: dict = {"gold": gold} | {("pred", s): p for s, p in pred.items()}
+    res: dict = {"n": len(gold), "acc": {s: M.accuracy(p, gold) for s, p in pred.items()}, "meta": meta,
+                 "ece": {s: M.ece(p, gold) for s, p in probs.items()},
+                 "brier": {s: M.brier(p, gold) for s, p in probs.items()}}
+    examples: dict = {"gold": gold} | {("pred", s): p for s, p in pred.items()} | {("probs", s): p
+                                                                                    for s, p in probs.items()}
+    content_free = {s: c["mean"] for s in methods
+                    if (c := rundir.read_calibration(run_dir, task, s, seed, meta["config_hash"])) is not None}
+    if content_free:
+        cal = {s: M.calibrated(probs[s], c) for s, c in content_free.items()}
+        res["acc_cal"] = {s: M.accuracy(p, gold) for s, p in cal.items()}
+        res["content_free"] = content_free
+        examples |= {("pred_cal", s): p for s, p in cal.items()}
+        if "zsl" in cal and "icl" in cal:
+            res["rpa_cal"] = {f: M.rpa(cal["zsl"], cal["icl"], cal[f], gold)["all"] for f in ft if f in cal}
     if "zsl" in pred and "icl" in pred:
         res["rec2ftp"] = {f: M.rec2ftp(pred["zsl"], pred["icl"], pred[f], gold) for f in ft}
         res["rpa"] = {f: M.rpa(pred["zsl"], pred["icl"], pred[f], gold) for f in ft}
@@ -146,6 +159,14 @@ def stats(per_seed: dict[int, dict], examples: dict[int, dict], methods: list[st
     figures: dict[Key, tuple] = {}   # key -> (value of one seed's results, per-example fields, statistic)
     for s in methods:
         figures[Key("acc", s)] = (lambda r, s=s: r["acc"][s], (("pred", s), "gold"), lambda a: M.accuracy(*a))
+        figures[Key("acc_cal", s)] = (lambda r, s=s: r["acc_cal"][s], (("pred_cal", s), "gold"),
+                                      lambda a: M.accuracy(*a))
+        figures[Key("ece", s)] = (lambda r, s=s: r["ece"][s], (("probs", s), "gold"), lambda a: M.ece(*a))
+        figures[Key("brier", s)] = (lambda r, s=s: r["brier"][s], (("probs", s), "gold"), lambda a: M.brier(*a))
+    for f in ft:
+        figures[Key("rpa_cal", f)] = (lambda r, f=f: r["rpa_cal"][f],
+                                      (("pred_cal", "zsl"), ("pred_cal", "icl"), ("pred_cal", f), "gold"),
+                                      lambda a: M.rpa(*a)["all"])
     if "zsl" in methods and "icl" in methods:
         fields = lambda f: (("pred", "zsl"), ("pred", "icl"), ("pred", f), "gold")   # noqa: E731
         for f in ft:

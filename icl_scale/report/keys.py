@@ -1,7 +1,9 @@
 """The name of every figure of a report: which metric, of which setting (or baseline), which variant
 of the metric. Written out as `metric/of/variant` (metrics.csv, results.json), never parsed back.
 
-    Key("acc", "icl")                   accuracy of a setting
+    Key("acc", "icl")                   accuracy of a setting; "acc_cal": with calibration (eval.calibration)
+    Key("ece", "icl"), Key("brier", …)  expected calibration error, Brier score of the option probabilities
+    Key("rpa_cal", "ft")                RPA of calibrated predictions
     Key("rec2ftp", "ft")                Rec2FTP of an FT setting
     Key("rpa", "ft", "same_label")      RPA of an FT setting, one of RPA_LABELS
     Key("simaou", "ft_lin")             SimAOU of an FT setting; of "random_uniform": a baseline
@@ -45,6 +47,14 @@ class Key:
         of = SETTINGS[self.of].label if self.of in SETTINGS else self.of
         if self.metric == "acc":
             return f"{of} accuracy"
+        if self.metric == "acc_cal":
+            return f"{of} accuracy, calibrated"
+        if self.metric == "ece":
+            return f"ECE ({of})"
+        if self.metric == "brier":
+            return f"Brier score ({of})"
+        if self.metric == "rpa_cal":
+            return f"RPA, calibrated ({of})"
         if self.metric == "rec2ftp":
             return f"Rec2FTP ({of})"
         if self.metric == "rpa":
@@ -67,7 +77,7 @@ class Key:
     @property
     def settings(self) -> set[str]:
         """The settings the figure is computed from."""
-        if self.metric == "acc":
+        if self.metric in ("acc", "acc_cal", "ece", "brier"):
             return {self.of}
         return {"zsl", "icl"} | ({self.of} if self.of in SETTINGS else set())
 

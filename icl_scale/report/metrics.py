@@ -16,6 +16,49 @@ def accuracy(pred: np.ndarray, gold: np.ndarray) -> float:
     return float(np.mean(pred == gold)) if len(gold) else float("nan")
 
 
+def option_probs(option_scores: np.ndarray) -> np.ndarray:
+    """[N, n_options] option scores → the options' probabilities (softmax over the options);
+    a row with a non-finite score is NaN."""
+    s = np.asarray(option_scores, dtype=np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        e = np.exp(s - s.max(axis=1, keepdims=True))
+        p = e / e.sum(axis=1, keepdims=True)
+    p[~np.isfinite(s).all(axis=1)] = np.nan
+    return p
+
+
+def calibrated(probs: np.ndarray, content_free: np.ndarray) -> np.ndarray:
+    """Predictions with the content-free option distribution divided out."""
+    return np.argmax(probs / np.asarray(content_free, dtype=np.float64)[None], axis=1)
+
+
+def ece(probs: np.ndarray, gold: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error of the top option: |accuracy − confidence| over equal-width
+    confidence bins, weighted by their share of examples (rows with NaN left out)."""
+    ok = np.isfinite(probs).all(axis=1)
+    probs, gold = probs[ok], np.asarray(gold)[ok]
+    if not len(gold):
+        return math.nan
+    conf, pred = probs.max(axis=1), probs.argmax(axis=1)
+    which = np.minimum((conf * bins).astype(int), bins - 1)   # a confidence of exactly 1 in the top bin
+    total = 0.0
+    for b in range(bins):
+        inb = which == b
+        if inb.any():
+            total += inb.mean() * abs((pred[inb] == gold[inb]).mean() - conf[inb].mean())
+    return float(total)
+
+
+def brier(probs: np.ndarray, gold: np.ndarray) -> float:
+    """Mean over examples of Σ_options (p − one-hot(gold))² (rows with NaN left out)."""
+    ok = np.isfinite(probs).all(axis=1)
+    probs, gold = probs[ok], np.asarray(gold)[ok]
+    if not len(gold):
+        return math.nan
+    onehot = np.eye(probs.shape[1])[gold]
+    return float(((probs - onehot) ** 2).sum(axis=1).mean())
+
+
 def _ratio(num: int, den: int) -> float:
     return num / den if den else float("nan")
 

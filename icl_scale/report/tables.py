@@ -148,6 +148,15 @@ def paper_tables(results: dict, compare: bool = False) -> list[Table]:
         "RPA = |D_ICL ∩ D_FT| / |D_ICL ∪ D_FT|, D_X the examples whose prediction X changed from ZSL." + spread,
         compare)]
     out.append(metric_table(
+        results, "Calibration",
+        [k for m in results["methods"] for k in (Key("acc", m), Key("acc_cal", m), Key("ece", m), Key("brier", m))]
+        + [k for f in ft for k in (Key("rpa", f, "all"), Key("rpa_cal", f))],
+        "Option probabilities: the option scores softmaxed over the options. ECE: |accuracy − confidence| of the "
+        "top option over 15 equal-width confidence bins, weighted by their share of examples; Brier: Σ over "
+        "options of (p − one-hot)², mean over examples. Calibrated (`eval.calibration`: "
+        f"{cfg.eval.calibration}): the mean option distribution of content-free inputs scored after the same "
+        "prefix divided out, per setting." + spread, compare))
+    out.append(metric_table(
         results, "SimAOU and SimAM: standard vs layer-causal FT",
         [Key("simaou", "random_uniform"), Key("simaou", "random_gaussian"), Key("simaou", "random_state"),
          Key("simaou", "ft"), Key("simaou", "ft_lc"),

@@ -97,6 +97,28 @@ def read_ft_log(run_dir: Path, task: str, setting: str, seed: int) -> dict | Non
     return json.loads(p.read_text()) if p.is_file() else None
 
 
+def calibration_path(run_dir: Path, task: str, setting: str, seed: int) -> Path:
+    return run_dir / "calibration" / task / setting / f"seed{seed}.json"
+
+
+def write_calibration(run_dir: Path, task: str, setting: str, seed: int, record: dict, config_hash: str) -> None:
+    """The content-free inputs of one (task, setting, seed) and their option distributions
+    (methods/calibration.py)."""
+    atomic.write_json(calibration_path(run_dir, task, setting, seed), record | {"config_hash": config_hash})
+
+
+def read_calibration(run_dir: Path, task: str, setting: str, seed: int, config_hash: str) -> dict | None:
+    """This run's calibration record, or None (none written, or another config's)."""
+    p = calibration_path(run_dir, task, setting, seed)
+    if not p.is_file():
+        return None
+    try:
+        record = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"calibration record {p}: not valid JSON ({e.msg})") from None
+    return record if record.get("config_hash") == config_hash else None
+
+
 def lr_point_path(run_dir: Path, task: str, setting: str, index: int, seed: int) -> Path:
     return run_dir / "lr_search" / task / setting / f"m{index}_seed{seed}.json"
 
