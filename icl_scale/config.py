@@ -60,6 +60,9 @@ class DataConfig:
     seeds: tuple[int, ...] = knob((1,), "run seeds (demonstration draw), comma-separated")
     task_seeds: str = knob("", "per-task seeds over data.seeds, e.g. 'sst2=2,3,4;cb=3,4,5' (a YAML mapping "
                            "task: [seeds] works too)", parse="task_seeds")
+    orders: int = knob(1, "demonstration orders per seed: ICL and FT also run on orders − 1 seeded permutations of "
+                       "the same demonstrations (the same permutation for both); the report gives the spread over "
+                       "orders beside the spread over draws")
     label_noise: float = knob(0.0, "label switching: fraction of the demonstrations whose label is corrupted "
                               "(the same corrupted set for ICL and FT)")
     label_noise_mode: str = knob("flip", "flip: label y becomes (y+1) mod n_labels; permute: the chosen "
@@ -298,6 +301,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"config field eval.max_batch: {cfg.eval.max_batch} must be >= 1")
     if not cfg.eval.methods:
         raise UserError("config field eval.methods: no method given")
+    if cfg.data.orders < 1:
+        raise UserError(f"config field data.orders: {cfg.data.orders} must be >= 1")
     if any(k < 1 for k in cfg.sweep.k) or len(set(cfg.sweep.k)) != len(cfg.sweep.k):
         raise UserError(f"config field sweep.k: {cfg.sweep.k} must be distinct values >= 1")
     engines = {m.partition("=")[2] or cfg.finetune.deepspeed for m in cfg.sweep.models} - {""}

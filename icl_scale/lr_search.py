@@ -48,7 +48,8 @@ def searched_settings(cfg) -> list[str]:
 
 
 def points(cfg, jobs: list[Job]) -> list[Point]:
-    return [Point(job, s, i, m) for job in jobs for s in searched_settings(cfg)
+    """The grid points of the drawn demonstration orders (an order control uses their choice)."""
+    return [Point(job, s, i, m) for job in jobs if job.order == 0 for s in searched_settings(cfg)
             for i, m in enumerate(cfg.finetune.lr_grid)]
 
 
@@ -116,8 +117,8 @@ def search(cfg, model, trained, jobs: list[Job], run_dir, h: str, state, progres
     dist.barrier(state)
     for task in dict.fromkeys(job.task for job in jobs):
         task_jobs = [job for job in jobs if job.task == task]
-        summary = select(cfg, task_jobs, run_dir, h)
-        for job in task_jobs:
+        summary = select(cfg, [job for job in task_jobs if job.order == 0], run_dir, h)
+        for job in task_jobs:   # the order control's jobs too
             job.lrs = dict(summary["rates"])
         if state.is_main_process:
             rundir.write_lr_search(run_dir, task, summary | {"config_hash": h})

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from icl_scale import config as C
 from icl_scale.prompts import Encoder, Prompt, fit_prompt, zsl_prompt
 from icl_scale.settings import SETTINGS
@@ -33,6 +35,12 @@ class Job:
     meta: dict
     dev_rows: list[dict] = field(default_factory=list)   # the task's dev split (learning-rate search)
     lrs: dict[str, float] = field(default_factory=dict)  # per FT setting: the rate it trains with
+    order: int = 0                 # demonstration order (data.orders): 0 the drawn order, o > 0 a permutation
+
+    @property
+    def key(self) -> str:
+        """The job's name in run-dir paths (seed<key>): the seed, with its order where o > 0."""
+        return str(self.seed) if self.order == 0 else f"{self.seed}o{self.order}"
 
     def lr_of(self, setting: str) -> float:
         return self.lrs.get(setting, self.lr)
@@ -72,7 +80,29 @@ def plan(cfg: C.RunConfig, tok, model_max: int) -> list[Job]:
                     "untrained_init_seed": seed if cfg.model.untrained else None}
             prompts = {s: by_kind[SETTINGS[s].prompt] for s in cfg.eval.methods}
             jobs.append(Job(task, seed, enc, split.eval, prompts, ft_rows, lr, meta, dev))
+            jobs += order_jobs(cfg, jobs[-1], split.demos, split.eval_full, max_len)
     return jobs
+
+
+def order_jobs(cfg: C.RunConfig, job: Job, demos: list[dict], eval_full: list[dict], max_len: int) -> list[Job]:
+    """The demonstration-order control (data.orders): per order o > 0 the fitted demonstrations in a
+    seeded permutation — the same one for the ICL prompt and for FT — and every setting that sees
+    them (ZSL does not: its order-0 records serve)."""
+    icl = job.prompts.get("icl") or fit_prompt(job.enc, demos, eval_full, max_len)
+    by_id = {r["id"]: r for r in demos}
+    fitted = [by_id[i] for i in icl.demo_ids]
+    out = []
+    for order in range(1, cfg.data.orders):
+        perm = np.random.default_rng([job.seed, order]).permutation(len(fitted))
+        rows = [fitted[i] for i in perm]
+        prompt = fit_prompt(job.enc, rows, eval_full, max_len)
+        assert prompt.k_effective == len(rows)   # the same demonstrations, the same length
+        ft = rows + [r for r in job.ft_rows if r["id"] not in set(icl.demo_ids)]   # demos=all: the rest after
+        prompts = {s: prompt if SETTINGS[s].prompt == "icl" else p for s, p in job.prompts.items()
+                   if SETTINGS[s].prompt == "icl" or SETTINGS[s].finetunes}
+        meta = job.meta | {"order": order, "demo_ids": list(prompt.demo_ids), "ft_demo_ids": [r["id"] for r in ft]}
+        out.append(Job(job.task, job.seed, job.enc, job.eval_rows, prompts, ft, job.lr, meta, job.dev_rows, order=order))
+    return out
 
 
 def schedule(jobs: list[Job], world_size: int, whole_ft_jobs: bool) -> list[tuple[Job, str, int | None]]:

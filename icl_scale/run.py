@@ -52,7 +52,7 @@ def run_setting(cfg, model, trained: list[Trained], job: Job, setting: str, run_
     score the same number of queries (the shorter shares padded with discarded ones)."""
     if owner is not None and owner != state.process_index:
         return   # another rank finetunes and evaluates this one whole
-    jd = rundir.job_dir(run_dir, job.task, setting, job.seed)
+    jd = rundir.job_dir(run_dir, job.task, setting, job.key)
     share = job.eval_rows if owner is not None else job.eval_rows[state.process_index::state.num_processes]
     done = done_ids(jd, h)
     todo = [r for r in share if r["id"] not in done]
@@ -60,7 +60,7 @@ def run_setting(cfg, model, trained: list[Trained], job: Job, setting: str, run_
     writer = ShardWriter(jd, {"config_hash": h, "task": job.task, "setting": setting, "seed": job.seed},
                          state.process_index, state.num_processes, int(cfg.output.shard_mb * 2**20),
                          cfg.output.record_dtype)
-    progress.start(f"{job.task}/{setting} seed {job.seed}", total=len(share), done=len(share) - len(todo))
+    progress.start(f"{job.task}/{setting} seed {job.key}", total=len(share), done=len(share) - len(todo))
     filler = (share or job.eval_rows)[0]
     if steps:
         network.use(job.seed)
@@ -78,7 +78,7 @@ def run_setting(cfg, model, trained: list[Trained], job: Job, setting: str, run_
                 calibrate(cfg, model, job, setting, cache, run_dir, h)
                 score_share(cfg, model, job, cache, todo, writer, progress, steps, filler, sizer)
     writer.close()
-    log.info("job %s/%s seed %d: %d done now, %d before", job.task, setting, job.seed, len(todo), len(share) - len(todo))
+    log.info("job %s/%s seed %s: %d done now, %d before", job.task, setting, job.key, len(todo), len(share) - len(todo))
 
 
 def finetune_job(cfg, model, trained, job: Job, setting: str, run_dir: Path, h: str, state, progress, backend,
@@ -95,9 +95,9 @@ def finetune_job(cfg, model, trained, job: Job, setting: str, run_dir: Path, h: 
     if cfg.output.save_ft_weights:   # a collective under ZeRO-3: every rank gathers
         weights = deltas if spec.linearized else backend.full(trained)
     if state.is_main_process or owner is not None:
-        rundir.write_ft_log(run_dir, job.task, setting, job.seed, ft_log, h)
+        rundir.write_ft_log(run_dir, job.task, setting, job.key, ft_log, h)
         if weights is not None:
-            rundir.write_ft_weights(run_dir, job.task, setting, job.seed, trained, weights, h)
+            rundir.write_ft_weights(run_dir, job.task, setting, job.key, trained, weights, h)
     return finetuned_scorer(model, trained, deltas, setting, job.prompts[setting].prefix_ids)
 
 
@@ -108,7 +108,7 @@ def calibrate(cfg, model, job: Job, setting: str, cache, run_dir: Path, h: str) 
         return
     rows = content_free_rows(job.enc.spec, cfg.eval.calibration, job.ft_rows, job.seed)
     record = calibration_record(model, cache, job.enc, rows, cfg.eval.calibration, cfg.eval.record_position)
-    rundir.write_calibration(run_dir, job.task, setting, job.seed, record, h)
+    rundir.write_calibration(run_dir, job.task, setting, job.key, record, h)
 
 
 def score_share(cfg, model, job: Job, cache, todo: list[dict], writer: ShardWriter, progress, steps: int,
@@ -167,7 +167,7 @@ def run(cfg: C.RunConfig, proc: Process | None = None) -> dict | None:
         console().print(Syntax(yaml.safe_dump(C.to_dict(cfg), sort_keys=False) + f"# config hash {h}\n", "yaml"))
         rundir.remove_orphans(run_dir)
         for job in jobs:
-            rundir.write_job_meta(run_dir, job.task, job.seed, job.meta | {"config_hash": h})
+            rundir.write_job_meta(run_dir, job.task, job.key, job.meta | {"config_hash": h})
         rundir.write_invocation(run_dir, clock, state, launch, finished=False, peak_gpu_mib=dist.peak_gpu_mib(state))
     dist.barrier(state)
     with clock.phase("load"):
@@ -192,14 +192,14 @@ def run(cfg: C.RunConfig, proc: Process | None = None) -> dict | None:
         for job, setting, owner in work:
             try:
                 run_setting(cfg, model, trained, job, setting, run_dir, h, state, progress, backend, network, sizer, owner)
-                rundir.clear_failure(run_dir, job.task, setting, job.seed, state.process_index)
+                rundir.clear_failure(run_dir, job.task, setting, job.key, state.process_index)
             except (RuntimeError, MemoryError) as e:
                 if not tolerant:
                     raise
                 model.eval()
-                rundir.write_failure(run_dir, job.task, setting, job.seed, state.process_index, e, h)
-                log.error("job %s/%s seed %d failed: %s", job.task, setting, job.seed, first_line(e))
-                progress.failed(f"{job.task}/{setting} seed {job.seed}: {first_line(e)}")
+                rundir.write_failure(run_dir, job.task, setting, job.key, state.process_index, e, h)
+                log.error("job %s/%s seed %s failed: %s", job.task, setting, job.key, first_line(e))
+                progress.failed(f"{job.task}/{setting} seed {job.key}: {first_line(e)}")
             progress.job_done()
     dist.barrier(state)
     if accelerator is not None:

@@ -37,6 +37,8 @@ CASES = [
     (["--finetune.lr_dev_size", "0"], "config field finetune.lr_dev_size"),
     (["--eval.batch_size", "-1"], "config field eval.batch_size: -1 must be >= 1, or 0 (automatic)"),
     (["--eval.max_batch", "0"], "config field eval.max_batch: 0 must be >= 1"),
+    (["--data.orders", "0"], "config field data.orders: 0 must be >= 1"),
+    (["--eval.calibration", "platt"], "config field eval.calibration"),
     (["--eval.methods", "ft", "--finetune.lr_search", "true", "--finetune.lr_dev_size", "100000"],
      "config field finetune.lr_dev_size: 100000 is larger than what task cb's train pool keeps"),
     (["--data.task_seeds", "imdb=1,2"], "config field data.task_seeds: unknown task 'imdb'"),

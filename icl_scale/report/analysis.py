@@ -106,9 +106,12 @@ def similarities(recs: dict[str, JobRecords], ft: list[str], task: str, seed: in
     return out, heads
 
 
-def analyze_job(run_dir: Path, task: str, seed: int, meta: dict, recs: dict[str, JobRecords]) -> tuple[dict, dict]:
+def analyze_job(run_dir: Path, task: str, seed: int, meta: dict, recs: dict[str, JobRecords],
+                key: str | None = None) -> tuple[dict, dict]:
     """(results of one task × seed, per-example arrays for the bootstrap). `recs`: the records of
-    the settings that did not fail."""
+    the settings that did not fail; `key`: the job's name in paths where it is not the seed (a
+    demonstration order)."""
+    key = str(seed) if key is None else key
     methods = list(recs)
     if not methods:
         return {"n": len(meta["eval_ids"]), "acc": {}, "meta": meta, "ft_logs": {}}, {}
@@ -123,7 +126,7 @@ def analyze_job(run_dir: Path, task: str, seed: int, meta: dict, recs: dict[str,
     examples: dict = {"gold": gold} | {("pred", s): p for s, p in pred.items()} | {("probs", s): p
                                                                                     for s, p in probs.items()}
     content_free = {s: c["mean"] for s in methods
-                    if (c := rundir.read_calibration(run_dir, task, s, seed, meta["config_hash"])) is not None}
+                    if (c := rundir.read_calibration(run_dir, task, s, key, meta["config_hash"])) is not None}
     if content_free:
         cal = {s: M.calibrated(probs[s], c) for s, c in content_free.items()}
         res["acc_cal"] = {s: M.accuracy(p, gold) for s, p in cal.items()}
@@ -144,7 +147,7 @@ def analyze_job(run_dir: Path, task: str, seed: int, meta: dict, recs: dict[str,
             res["undefined"] = {name: [int(np.isnan(v).sum()), int(v.size)] for name, v in sims.items()
                                 if np.isnan(v).any()}
             res["heads_left_out"] = {name: list(kn) for name, kn in heads.items() if kn[0]}
-    logs = {f: rundir.read_ft_log(run_dir, task, f, seed) for f in ft}
+    logs = {f: rundir.read_ft_log(run_dir, task, f, key) for f in ft}
     res["ft_logs"] = {f: log for f, log in logs.items() if log is not None}
     return res, examples
 
@@ -189,6 +192,43 @@ def stats(per_seed: dict[int, dict], examples: dict[int, dict], methods: list[st
     return out
 
 
+ORDER_FIGURES = ("acc", "simaou")
+
+
+def order_spread(run_dir: Path, cfg, task: str, h: str, per_seed: dict, summary: dict, methods: list[str]) -> dict:
+    """The demonstration-order control (data.orders): per figure of ICL and the FT settings, its
+    value under every order of each seed, the spread over orders (sample std within a seed, mean
+    over seeds) and, beside it, the spread over demonstration draws (std over seeds, order 0)."""
+    values: dict[Key, dict[int, list[float]]] = {}
+    for seed, r0 in per_seed.items():
+        if "zsl" not in methods or "acc" not in r0:
+            continue
+        meta = rundir.read_job_meta(run_dir, task, seed)
+        zsl = rundir.job_dir(run_dir, task, "zsl", seed)
+        for order in range(1, cfg.data.orders):
+            key = f"{seed}o{order}"
+            recs = {"zsl": JobRecords(zsl, h, meta["eval_ids"])} | {
+                m: JobRecords(rundir.job_dir(run_dir, task, m, key), h, meta["eval_ids"]) for m in methods if m != "zsl"}
+            r, _ = analyze_job(run_dir, task, seed, meta, recs, key=key)
+            for rec in recs.values():
+                rec.release()
+            for m in methods:
+                if m == "zsl":
+                    continue
+                for k, v0, v in [(Key("acc", m), r0["acc"].get(m), r["acc"].get(m)),
+                                 (Key("simaou", m), r0.get("similarity", {}).get(Key("simaou", m)),
+                                  r.get("similarity", {}).get(Key("simaou", m)))]:
+                    if v0 is not None and v is not None:
+                        values.setdefault(k, {}).setdefault(seed, [float(v0)]).append(float(v))
+    out = {}
+    for k, by_seed in values.items():
+        spreads = [float(np.std(v, ddof=1)) for v in by_seed.values() if len(v) > 1]
+        out[k] = {"per_seed": {str(s): v for s, v in by_seed.items()},
+                  "std_over_orders": float(np.mean(spreads)) if spreads else None,
+                  "std_over_draws": summary[k]["std"] if k in summary else None}
+    return out
+
+
 def analyze(run_dir: Path, exclude_diverged: bool | None = None) -> dict:
     """All results of a run (JSON-ready). Diverged FT runs are flagged; with `exclude_diverged`
     (default: the run's report.exclude_diverged) no mean uses them."""
@@ -224,7 +264,8 @@ def analyze(run_dir: Path, exclude_diverged: bool | None = None) -> dict:
         for key, c in ceilings(recs, {s: r["meta"] for s, r in per_seed.items()}).items():
             layers[key] = c.pop("layers")
             summary[key] = c
-        tasks[task] = {"seeds": {str(s): r for s, r in per_seed.items()}, "summary": summary,
+        orders = order_spread(run_dir, cfg, task, h, per_seed, summary, methods) if cfg.data.orders > 1 else {}
+        tasks[task] = {"seeds": {str(s): r for s, r in per_seed.items()}, "summary": summary, "orders": orders,
                        "layers": layers, "failed": failed, "diverged": flagged,
                        "lr_search": rundir.read_lr_search(run_dir, task)}
     return {"run_dir": str(run_dir), "config_hash": h, "config": cfg, "methods": methods,

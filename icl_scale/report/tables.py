@@ -136,6 +136,29 @@ def metric_table(results: dict, title: str, keys: list[Key], caption: str, compa
     return Table(title, ["metric"] + tasks + ["average"], rows, caption, keys)
 
 
+def order_table(results: dict) -> Table | None:
+    """The demonstration-order control: per figure and task, the spread over orders beside the
+    spread over demonstration draws."""
+    n_orders = results["config"].data.orders
+    keys = list(dict.fromkeys(k for t in results["tasks"].values() for k in t.get("orders", {})))
+    if n_orders < 2 or not keys:
+        return None
+    tasks = list(results["tasks"])
+
+    def spread(task: str, key: Key) -> str:
+        o = results["tasks"][task].get("orders", {}).get(key)
+        if o is None:
+            return "–"
+        return f"{fmt(o['std_over_orders'], 3)} / {fmt(o['std_over_draws'], 3)}"
+
+    rows = [[k.label] + [spread(t, k) for t in tasks] for k in keys]
+    return Table("Demonstration order", ["figure"] + tasks, rows,
+                 f"Std over {n_orders} orders of the same demonstrations (sample std within a seed, mean over seeds; "
+                 "ICL and FT see the same permutation) / std over demonstration draws (seeds, the drawn order). "
+                 "An order spread near the draw spread: which demonstrations matter no more than how they are "
+                 "ordered.", keys)
+
+
 def paper_tables(results: dict, compare: bool = False) -> list[Table]:
     ft, cfg = results["ft_settings"], results["config"]
     counts = sorted({len(t["seeds"]) for t in results["tasks"].values()})
@@ -181,6 +204,7 @@ def paper_tables(results: dict, compare: bool = False) -> list[Table]:
             [Key("simaou", "random_uniform"), Key("simaou", "ft"), Key("simaou", "ft_lin"), Key("simam", "zsl"),
              Key("simam", "ft"), Key("simam", "ft_lin"), Key("simam_delta", "ft_lin")],
             "f_lin = f(θ0) + J·δ, evaluated through its dual pass; every task." + spread, compare))
+    out.append(order_table(results))
     out = [t for t in out if t is not None]
     shown = {k.of for t in out for k in t.keys if k.metric == "simaou"}
     for f in ft:   # a setting the papers' tables do not have: a table of its own
