@@ -79,6 +79,8 @@ class EvalConfig:
                                 "predicts the answer, or the first answer token (the reference's choice)",
                                 choices=("prediction", "answer"))
     capture: bool = knob(True, "record per-layer attention outputs and pre-softmax scores")
+    learners: bool = knob(False, "learner baselines: kNN and logistic regression trained on the demonstrations' frozen "
+                          "sentence representations; the report gives how often ICL agrees with each, beside FT")
     calibration: str = knob("none", "calibrated scoring reported beside the plain one: the mean option distribution "
                             "of content-free inputs scored after the same prefix is divided out; contextual: 'N/A', "
                             "'', '[MASK]' (Zhao et al. 2021); domain: random words of the demonstrations (Fei et al. "

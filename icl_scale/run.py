@@ -32,6 +32,7 @@ from icl_scale.methods.backend import DeepSpeedBackend, TorchBackend
 from icl_scale.methods.calibration import calibration_record, content_free_rows
 from icl_scale.methods.evaluate import BatchSizer, PrefixCache, batches, score_batch
 from icl_scale.methods.finetune import clipping, finetune, finetuned_scorer, restored
+from icl_scale.methods.learners import learner_predictions
 from icl_scale.methods.linearized import check_linearizable
 from icl_scale.modeling.load import SeededNetwork, load_model, max_positions
 from icl_scale.modeling.params import Trained, partitioned, trained_params
@@ -109,6 +110,25 @@ def calibrate(cfg, model, job: Job, setting: str, cache, run_dir: Path, h: str) 
     rows = content_free_rows(job.enc.spec, cfg.eval.calibration, job.ft_rows, job.seed)
     record = calibration_record(model, cache, job.enc, rows, cfg.eval.calibration, cfg.eval.record_position)
     rundir.write_calibration(run_dir, job.task, setting, job.key, record, h)
+
+
+def learner_pass(cfg, model, jobs: list[Job], run_dir: Path, h: str, state, backend, network) -> None:
+    """The learner baselines of every job not yet recorded: each rank its share of the eval rows
+    (under ZeRO-3 every rank the same number of forwards, the shorter shares padded)."""
+    for job in (j for j in jobs if j.order == 0):
+        share = job.eval_rows[state.process_index::state.num_processes]
+        missing = rundir.read_learners(run_dir, job.task, job.seed, h, state.process_index) is None
+        rows = share
+        if backend.lockstep:
+            if dist.all_max(state, int(missing)) == 0:
+                continue
+            rows = share + [job.eval_rows[0]] * (dist.all_max(state, len(share)) - len(share))
+        elif not missing:
+            continue
+        network.use(job.seed)
+        preds = learner_predictions(model, job.enc, job.ft_rows, rows)
+        rundir.write_learners(run_dir, job.task, job.seed, state.process_index,
+                              {"ids": [r["id"] for r in share]} | {k: v[:len(share)] for k, v in preds.items()}, h)
 
 
 def score_share(cfg, model, job: Job, cache, todo: list[dict], writer: ShardWriter, progress, steps: int,
@@ -201,6 +221,9 @@ def run(cfg: C.RunConfig, proc: Process | None = None) -> dict | None:
                 log.error("job %s/%s seed %s failed: %s", job.task, setting, job.key, first_line(e))
                 progress.failed(f"{job.task}/{setting} seed {job.key}: {first_line(e)}")
             progress.job_done()
+        if cfg.eval.learners:
+            with clock.phase("learners"):
+                learner_pass(cfg, model, jobs, run_dir, h, state, backend, network)
     dist.barrier(state)
     if accelerator is not None:
         accelerator.free_memory()   # the engine and its partitions: a suite's next run loads its own

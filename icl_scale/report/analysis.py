@@ -24,7 +24,7 @@ import numpy as np
 from icl_scale import config as C
 from icl_scale.report import metrics as M
 from icl_scale.report.ceilings import ceilings
-from icl_scale.report.keys import RPA_LABELS, Key
+from icl_scale.report.keys import LEARNERS, RPA_LABELS, Key
 from icl_scale.report.merge import JobRecords
 from icl_scale.runtime import rundir
 from icl_scale.settings import ft_settings
@@ -134,6 +134,15 @@ def analyze_job(run_dir: Path, task: str, seed: int, meta: dict, recs: dict[str,
         examples |= {("pred_cal", s): p for s, p in cal.items()}
         if "zsl" in cal and "icl" in cal:
             res["rpa_cal"] = {f: M.rpa(cal["zsl"], cal["icl"], cal[f], gold)["all"] for f in ft if f in cal}
+    learned = rundir.read_learners(run_dir, task, seed, meta["config_hash"]) if key == str(seed) else None
+    ids = small[methods[0]]["ids"].tolist()
+    if learned and all(i in learned[n] for n in learned for i in ids):
+        lp = {n: np.array([learned[n][i] for i in ids], dtype=np.int64) for n in learned}
+        examples |= {("pred", n): p for n, p in lp.items()}
+        res["learners"] = {"acc": {n: M.accuracy(p, gold) for n, p in lp.items()}}
+        if "icl" in pred:
+            res["learners"]["agree"] = {n: float(np.mean(pred["icl"] == p)) for n, p in (lp | pred).items()
+                                        if n != "icl"}
     if "zsl" in pred and "icl" in pred:
         res["rec2ftp"] = {f: M.rec2ftp(pred["zsl"], pred["icl"], pred[f], gold) for f in ft}
         res["rpa"] = {f: M.rpa(pred["zsl"], pred["icl"], pred[f], gold) for f in ft}
@@ -166,6 +175,12 @@ def stats(per_seed: dict[int, dict], examples: dict[int, dict], methods: list[st
                                       lambda a: M.accuracy(*a))
         figures[Key("ece", s)] = (lambda r, s=s: r["ece"][s], (("probs", s), "gold"), lambda a: M.ece(*a))
         figures[Key("brier", s)] = (lambda r, s=s: r["brier"][s], (("probs", s), "gold"), lambda a: M.brier(*a))
+    for n in LEARNERS:
+        figures[Key("acc", n)] = (lambda r, n=n: r["learners"]["acc"][n], (("pred", n), "gold"),
+                                  lambda a: M.accuracy(*a))
+    for other in [*LEARNERS, *(m for m in methods if m != "icl")]:
+        figures[Key("agree", other)] = (lambda r, o=other: r["learners"]["agree"][o], (("pred", "icl"), ("pred", other)),
+                                        lambda a: float(np.mean(a[0] == a[1])))
     for f in ft:
         figures[Key("rpa_cal", f)] = (lambda r, f=f: r["rpa_cal"][f],
                                       (("pred_cal", "zsl"), ("pred_cal", "icl"), ("pred_cal", f), "gold"),

@@ -4,6 +4,8 @@ of the metric. Written out as `metric/of/variant` (metrics.csv, results.json), n
     Key("acc", "icl")                   accuracy of a setting; "acc_cal": with calibration (eval.calibration)
     Key("ece", "icl"), Key("brier", …)  expected calibration error, Brier score of the option probabilities
     Key("rpa_cal", "ft")                RPA of calibrated predictions
+    Key("acc", "knn"), Key("agree", x)  a learner baseline's accuracy (LEARNERS); how often ICL's
+                                        prediction equals a learner's or a setting's
     Key("rec2ftp", "ft")                Rec2FTP of an FT setting
     Key("rpa", "ft", "same_label")      RPA of an FT setting, one of RPA_LABELS
     Key("simaou", "ft_lin")             SimAOU of an FT setting; of "random_uniform": a baseline
@@ -29,6 +31,7 @@ RPA_LABELS = {"all": "RPA", "correct": "RPA – changes to correct", "incorrect"
 SIMAOU_PARTS = {"floor": "SimAOU floor √((1−a)(1−b))/2", "shuffled": "SimAOU, shuffled pairs",
                 "excess": "SimAOU excess over shuffled pairs", "orth": "SimAOU ⊥ ĥ_ZSL",
                 "orth_shuffled": "SimAOU ⊥ ĥ_ZSL, shuffled pairs", "orth_excess": "SimAOU ⊥ ĥ_ZSL excess over shuffled pairs"}
+LEARNERS = {"knn": "kNN", "logreg": "logistic regression"}   # methods/learners.py
 MAP_LABELS = {"": "", "centred": ", centred", "softmax": ", post-softmax"}
 CEILINGS = {"ceiling": "SimAOU", "ceiling_simam": "SimAM", "ceiling_simam_delta": "SimAM_Δ"}
 
@@ -44,9 +47,11 @@ class Key:
 
     @property
     def label(self) -> str:
-        of = SETTINGS[self.of].label if self.of in SETTINGS else self.of
+        of = SETTINGS[self.of].label if self.of in SETTINGS else LEARNERS.get(self.of, self.of)
         if self.metric == "acc":
             return f"{of} accuracy"
+        if self.metric == "agree":
+            return f"ICL agrees with {of}"
         if self.metric == "acc_cal":
             return f"{of} accuracy, calibrated"
         if self.metric == "ece":
@@ -78,7 +83,9 @@ class Key:
     def settings(self) -> set[str]:
         """The settings the figure is computed from."""
         if self.metric in ("acc", "acc_cal", "ece", "brier"):
-            return {self.of}
+            return {self.of} & set(SETTINGS)
+        if self.metric == "agree":
+            return {"icl"} | ({self.of} & set(SETTINGS))
         return {"zsl", "icl"} | ({self.of} if self.of in SETTINGS else set())
 
     @property

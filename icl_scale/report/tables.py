@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from icl_scale.report import metrics as M
-from icl_scale.report.keys import MAP_LABELS, RPA_LABELS, SIMAOU_PARTS, Key
+from icl_scale.report.keys import LEARNERS, MAP_LABELS, RPA_LABELS, SIMAOU_PARTS, Key
 from icl_scale.report.reference import MODEL as REFERENCE_MODEL, MODEL_IDS, reference, reference_average
 from icl_scale.settings import SETTINGS
 
@@ -204,6 +204,15 @@ def paper_tables(results: dict, compare: bool = False) -> list[Table]:
             [Key("simaou", "random_uniform"), Key("simaou", "ft"), Key("simaou", "ft_lin"), Key("simam", "zsl"),
              Key("simam", "ft"), Key("simam", "ft_lin"), Key("simam_delta", "ft_lin")],
             "f_lin = f(θ0) + J·δ, evaluated through its dual pass; every task." + spread, compare))
+    out.append(metric_table(
+        results, "Learner baselines",
+        [Key("acc", "icl")] + [Key("acc", n) for n in LEARNERS] + [Key("acc", f) for f in ft]
+        + [Key("agree", n) for n in LEARNERS] + [Key("agree", m) for m in results["methods"] if m != "icl"],
+        "kNN (5 nearest by cosine, a tie to the nearest) and logistic regression (multinomial, standardised "
+        "features, sklearn's C = 1) trained on the demonstrations' frozen representations (the model's last "
+        "hidden state at θ0, mean-pooled over the input). If ICL agrees with a learner as often as with FT, "
+        "agreement with FT is not specific to finetuning." + spread, compare)
+        if any("learners" in r for t in results["tasks"].values() for r in t["seeds"].values()) else None)
     out.append(order_table(results))
     out = [t for t in out if t is not None]
     shown = {k.of for t in out for k in t.keys if k.metric == "simaou"}

@@ -119,6 +119,35 @@ def read_calibration(run_dir: Path, task: str, setting: str, seed: int, config_h
     return record if record.get("config_hash") == config_hash else None
 
 
+def learners_path(run_dir: Path, task: str, seed: int, rank: int) -> Path:
+    return run_dir / "learners" / task / f"seed{seed}-r{rank}.json"
+
+
+def write_learners(run_dir: Path, task: str, seed: int, rank: int, record: dict, config_hash: str) -> None:
+    """One rank's learner-baseline predictions (methods/learners.py) of its share of a job's eval rows."""
+    atomic.write_json(learners_path(run_dir, task, seed, rank), record | {"config_hash": config_hash})
+
+
+def read_learners(run_dir: Path, task: str, seed: int, config_hash: str, rank: int | None = None) -> dict | None:
+    """{"knn"|"logreg": {example id: prediction}} over every rank's file of this config (or one
+    rank's); None when there is none."""
+    paths = ([learners_path(run_dir, task, seed, rank)] if rank is not None
+             else sorted((run_dir / "learners" / task).glob(f"seed{seed}-r*.json")))
+    out: dict[str, dict[int, int]] = {}
+    for p in paths:
+        if not p.is_file():
+            continue
+        try:
+            record = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"learner record {p}: not valid JSON ({e.msg})") from None
+        if record.get("config_hash") != config_hash:
+            continue
+        for name in ("knn", "logreg"):
+            out.setdefault(name, {}).update(zip(record["ids"], record[name]))
+    return out or None
+
+
 def lr_point_path(run_dir: Path, task: str, setting: str, index: int, seed: int) -> Path:
     return run_dir / "lr_search" / task / setting / f"m{index}_seed{seed}.json"
 
