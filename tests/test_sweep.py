@@ -14,7 +14,7 @@ import pytest
 
 from conftest import launch, run_cli
 
-BASE = ["--data.tasks", "sst2,cb", "--data.eval_max", "5", "--eval.methods", "zsl,icl,ft,ft_lin",
+BASE = ["--data.tasks", "sst2", "--data.eval_max", "4", "--eval.methods", "zsl,icl,ft,ft_lin",
         "--model.max_length", "1500"]
 
 
@@ -39,7 +39,7 @@ def test_sweep_runs_every_member_and_reports_figures_against_size_and_k(swept):
         cfg = json.loads((swept / "sw" / m["run_dir"] / "config.json").read_text())
         cfg = cfg.get("config", cfg)
         assert cfg["model"]["name"] == m["model"] and cfg["data"]["k"] == m["k"]
-        assert json.loads((swept / "sw" / m["run_dir"] / "shards/cb/icl/seed1/manifest-r1.json").read_text())[
+        assert json.loads((swept / "sw" / m["run_dir"] / "shards/sst2/icl/seed1/manifest-r1.json").read_text())[
             "world_size"] == 2
         assert (swept / "reports/sw" / m["run_dir"] / "report.md").is_file()
     report = (swept / "reports/sw/report.md").read_text()
