@@ -27,7 +27,7 @@ import yaml
 from icl_scale import config as C
 from icl_scale import lr_search
 from icl_scale.capture.shards import ShardWriter, done_ids
-from icl_scale.errors import first_line
+from icl_scale.errors import UserError, first_line
 from icl_scale.methods.backend import DeepSpeedBackend, TorchBackend
 from icl_scale.methods.calibration import calibration_record, content_free_rows
 from icl_scale.methods.evaluate import BatchSizer, PrefixCache, batches, score_batch
@@ -178,6 +178,11 @@ def run(cfg: C.RunConfig, proc: Process | None = None) -> dict | None:
     launch = {"deepspeed": ds_config, "precision": precision,
               "n_params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())}
     rundir.check_config(cfg, run_dir)
+    lock = rundir.RunLock(run_dir)
+    held_by = lock.acquire() if state.is_main_process else None
+    if dist.all_max(state, int(held_by is not None)):   # every rank stops, with the reason
+        raise UserError(f"output.run_dir {run_dir}: in use by another launch "
+                        f"({held_by or 'see the main process'}); one launch at a time per run dir")
     if state.is_main_process:
         from rich.syntax import Syntax
 
@@ -234,6 +239,7 @@ def run(cfg: C.RunConfig, proc: Process | None = None) -> dict | None:
         rundir.write_invocation(run_dir, clock, state, launch, finished=True, peak_gpu_mib=dist.peak_gpu_mib(state))
         results = write_report(run_dir, Path(cfg.output.report_dir), console=progress.console)
         log.info("done in %.1fs", time.time() - clock.started)
+    lock.release()
     if owns_process:
         dist.shutdown(state)
     return results

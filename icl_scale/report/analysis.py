@@ -178,8 +178,9 @@ def stats(per_seed: dict[int, dict], examples: dict[int, dict], methods: list[st
     for n in LEARNERS:
         figures[Key("acc", n)] = (lambda r, n=n: r["learners"]["acc"][n], (("pred", n), "gold"),
                                   lambda a: M.accuracy(*a))
-    for other in [*LEARNERS, *(m for m in methods if m != "icl")]:
-        figures[Key("agree", other)] = (lambda r, o=other: r["learners"]["agree"][o], (("pred", "icl"), ("pred", other)),
+    for other in [*LEARNERS, *(m for m in methods if m != "icl")]:   # seeds with learner records only
+        figures[Key("agree", other)] = (lambda r, o=other: r["learners"]["agree"][o],
+                                        (("pred", "icl"), ("pred", other), ("pred", "knn")),
                                         lambda a: float(np.mean(a[0] == a[1])))
     for f in ft:
         figures[Key("rpa_cal", f)] = (lambda r, f=f: r["rpa_cal"][f],

@@ -188,19 +188,69 @@ def write_ft_weights(run_dir: Path, task: str, setting: str, seed: int, trained,
 
 
 def remove_orphans(run_dir: Path) -> list[Path]:
-    """Shards renamed into place whose manifest update never happened (a kill in between), and
-    temporary files: their records are redone, so the files go."""
+    """Shards renamed into place whose manifest update never happened (a kill in between), shards
+    whose bytes no longer match their manifest's sha256 (damage), and temporary files: their
+    records are redone, so the files go (and a damaged shard's manifest entry with them)."""
     gone = []
     root = run_dir / "shards"
     if not root.is_dir():
         return gone
     for jd in {p.parent for p in root.rglob("*") if p.is_file()}:
+        manifests = read_manifests(jd)
+        for m in manifests:
+            good = [s for s in m["shards"] if not (jd / s["file"]).is_file()
+                    or atomic.sha256_file(jd / s["file"]) == s["sha256"]]
+            if len(good) != len(m["shards"]):
+                for s in m["shards"]:
+                    if s not in good:
+                        (jd / s["file"]).unlink()
+                        gone.append(jd / s["file"])
+                atomic.write_json(Path(m["_path"]), {k: v for k, v in m.items() if k != "_path"} | {"shards": good})
         listed = {s["file"] for m in read_manifests(jd) for s in m["shards"]}
         for p in jd.iterdir():
             if (p.name.startswith(".") and ".tmp" in p.name) or (p.suffix == ".safetensors" and p.name not in listed):
                 p.unlink()
                 gone.append(p)
     return gone
+
+
+class RunLock:
+    """One launch at a time per run dir: the main process holds an exclusive advisory lock
+    (flock) on <run_dir>/.lock for the launch; the kernel drops it when the process ends, however
+    it ends, so a dead launch leaves no stale lock. A second launch is refused with one line that
+    names the holder."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self.fd = None
+
+    def acquire(self) -> str | None:
+        """None when taken; else why not (the holder)."""
+        import fcntl
+        import os
+        import socket
+        import time
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            return holder
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC".encode())
+        self.fd = fd
+        return None
+
+    def release(self) -> None:
+        import os
+
+        if self.fd is not None:
+            os.close(self.fd)   # closing drops the flock
+            self.fd = None
 
 
 PACKAGES = ("torch", "transformers", "accelerate", "deepspeed", "datasets", "safetensors", "numpy", "rich")
