@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"icl-scale: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # every write is atomic: what finished is kept, the rerun resumes
+        print("icl-scale: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
     return 0
 
 

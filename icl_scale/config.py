@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,6 +241,8 @@ def _coerce(name: str, value, typ, choices, parse: str | None = None):
         out = typ(value)
         if typ is int and isinstance(value, float) and out != value:
             raise ValueError
+        if typ is float and not math.isfinite(out):   # nan and inf: never a threshold, rate or size
+            raise UserError(f"config field {name}: {value!r} is not a finite number")
     except (ValueError, TypeError):
         raise UserError(f"config field {name}: {value!r} is not a valid {getattr(typ, '__name__', typ)}") from None
     if choices and out not in choices:
@@ -314,11 +317,11 @@ def validate(cfg: RunConfig) -> None:
     for item in cfg.finetune.lrs:
         task, _, value = item.partition("=")
         try:
-            ok = task in ALL_TASKS and float(value) > 0
+            ok = task in ALL_TASKS and math.isfinite(float(value)) and float(value) > 0
         except ValueError:
             ok = False
         if not ok:
-            raise UserError(f"config field finetune.lrs: {item!r} is not <task>=<learning rate > 0>")
+            raise UserError(f"config field finetune.lrs: {item!r} is not <task>=<finite learning rate > 0>")
     f = cfg.finetune
     if not f.lr_grid:
         raise UserError("config field finetune.lr_grid: no learning-rate multiple given")

@@ -42,3 +42,32 @@ def test_damaged_shard_is_redone_on_rerun(tmp_path, data_dir):
     r = run_cli(args(tmp_path, data_dir))
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_records(before, run_records(tmp_path / "run"))
+
+
+NAN_FT = """
+import torch
+import icl_scale.run as R
+_scorer = R.finetuned_scorer
+def nan_scorer(model, trained, deltas, setting, prefix_ids):
+    inner = _scorer(model, trained, deltas, setting, prefix_ids)
+    if setting == "ft":   # a diverged model: every logit NaN
+        forward = inner.forward
+        inner.forward = lambda chunks, keep: forward(chunks, keep) * float("nan")
+    return inner
+R.finetuned_scorer = nan_scorer
+"""
+
+
+def test_nonfinite_option_scores_are_never_an_accuracy(tmp_path, data_dir):
+    import json
+
+    r = run_cli(args(tmp_path, data_dir), prelude=NAN_FT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads((tmp_path / "reports/run/results.json").read_text())
+    for task in ("sst2", "cb"):
+        seed = results["tasks"][task]["seeds"]["1"]
+        assert "ft" not in seed["acc"] and seed["nonfinite"]["ft"] == [8, 8]
+        assert seed["acc"]["icl"] is not None and "acc/ft" not in results["tasks"][task]["summary"]
+    report = (tmp_path / "reports/run/report.md").read_text()
+    assert "| FT accuracy |" not in report and "| ICL accuracy |" in report
+    assert "non-finite option scores" in report and "sst2 seed 1 `ft` 8 of 8" in report

@@ -117,10 +117,17 @@ def analyze_job(run_dir: Path, task: str, seed: int, meta: dict, recs: dict[str,
         return {"n": len(meta["eval_ids"]), "acc": {}, "meta": meta, "ft_logs": {}}, {}
     small = {s: r.small(("ids", "gold", "pred", "option_scores")) for s, r in recs.items()}
     gold = small[methods[0]]["gold"]
+    # a setting with non-finite option scores (a diverged model) has no prediction to count
+    nonfinite = {s: [int((~np.isfinite(small[s]["option_scores"]).all(1)).sum()), len(gold)] for s in methods}
+    nonfinite = {s: kn for s, kn in nonfinite.items() if kn[0]}
+    methods = [s for s in methods if s not in nonfinite]
+    if not methods:
+        return {"n": len(gold), "acc": {}, "meta": meta, "ft_logs": {}, "nonfinite": nonfinite}, {}
     pred = {s: small[s]["pred"] for s in methods}
     probs = {s: M.option_probs(small[s]["option_scores"]) for s in methods}
     ft = ft_settings(methods)
     res: dict = {"n": len(gold), "acc": {s: M.accuracy(p, gold) for s, p in pred.items()}, "meta": meta,
+                 "nonfinite": nonfinite,
                  "ece": {s: M.ece(p, gold) for s, p in probs.items()},
                  "brier": {s: M.brier(p, gold) for s, p in probs.items()}}
     examples: dict = {"gold": gold} | {("pred", s): p for s, p in pred.items()} | {("probs", s): p
@@ -156,7 +163,7 @@ def analyze_job(run_dir: Path, task: str, seed: int, meta: dict, recs: dict[str,
             res["undefined"] = {name: [int(np.isnan(v).sum()), int(v.size)] for name, v in sims.items()
                                 if np.isnan(v).any()}
             res["heads_left_out"] = {name: list(kn) for name, kn in heads.items() if kn[0]}
-    logs = {f: rundir.read_ft_log(run_dir, task, f, key) for f in ft}
+    logs = {f: rundir.read_ft_log(run_dir, task, f, key) for f in ft_settings(list(recs))}
     res["ft_logs"] = {f: log for f, log in logs.items() if log is not None}
     return res, examples
 

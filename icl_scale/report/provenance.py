@@ -60,6 +60,8 @@ def provenance(run_dir: Path, results: dict) -> tuple[list[str], Table, Table]:
         + undefined_summary(results),
         "- Attention heads left out of a SimAM head mean (scores, or their difference, exactly zero): "
         + undefined_summary(results, field="heads_left_out"),
+        "- Settings with non-finite option scores (a diverged model: none of its figures is given), examples "
+        "affected: " + undefined_summary(results, field="nonfinite"),
     ]
     rows = []
     for task, t in results["tasks"].items():
