@@ -15,20 +15,22 @@ def args(tmp, data_dir, *extra):
 
 
 def test_second_launch_on_a_run_dir_is_refused(tmp_path, data_dir):
-    first = launch(args(tmp_path, data_dir), nproc=2, popen=True)
+    longer = ["--data.eval_max", "40", "--eval.methods", "zsl,icl,ft,ft_lc,ft_lin"]   # still running when the second comes
+    first = launch(args(tmp_path, data_dir, *longer), nproc=2, popen=True)
     deadline = time.time() + 300
     while time.time() < deadline and not list((tmp_path / "run").glob("shards/*/*/seed1/r*.safetensors")):
         time.sleep(0.1)
-    second = run_cli(args(tmp_path, data_dir))
+    second = run_cli(args(tmp_path, data_dir, *longer))
+    assert first.poll() is None, "the first launch ended before the second was refused: nothing was tested"
     out, _ = first.communicate(timeout=900)
     assert first.returncode == 0, out[-3000:]
     assert second.returncode == 2, second.stderr[-2000:]
     lines = second.stderr.strip().splitlines()
     assert len(lines) == 1 and "in use by another launch (pid" in lines[0] and "one launch at a time" in lines[0]
     # the first launch is whole, and the lock went with it: a rerun resumes (nothing left to do)
-    assert run_cli(args(tmp_path, data_dir)).returncode == 0
+    assert run_cli(args(tmp_path, data_dir, *longer)).returncode == 0
     clean = tmp_path / "clean"
-    assert run_cli(args(clean, data_dir)).returncode == 0
+    assert run_cli(args(clean, data_dir, *longer)).returncode == 0
     assert_same_records(run_records(clean / "run"), run_records(tmp_path / "run"))
 
 
