@@ -5,6 +5,7 @@ import os
 import signal
 import time
 
+import psutil
 import pytest
 
 from conftest import globbed, launch, run_cli
@@ -56,8 +57,11 @@ def test_kill_and_rerun_equals_uninterrupted(one_proc, tmp_path, data_dir):
     deadline = time.time() + 300
     while time.time() < deadline and len(list(run_dir.glob("shards/agnews/zsl/seed1/r*.safetensors"))) < 2:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    ranks = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGKILL)   # the launcher's group; the ranks run in sessions of their own
     proc.wait()
+    gone, alive = psutil.wait_procs(ranks, timeout=30)
+    assert not alive, f"ranks outlived their launcher: {alive}"
     assert not (run_dir.parent / "reports" / "run").exists(), "the run finished before it was killed"
     r = launch(a, nproc=2)
     assert r.returncode == 0, r.stdout + r.stderr

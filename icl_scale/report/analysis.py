@@ -265,7 +265,7 @@ def analyze(run_dir: Path, exclude_diverged: bool | None = None) -> dict:
     for task in cfg.data.tasks:
         per_seed, examples, failed, recs = {}, {}, {}, {}
         for seed in C.seeds_for(cfg, task):
-            bad = {f["setting"] for f in failures if f["task"] == task and f["seed"] == seed}
+            bad = {f["setting"] for f in failures if f["task"] == task and str(f["seed"]) == str(seed)}   # "1o2": an order job
             for s in sorted(bad):
                 failed.setdefault(s, []).append(seed)
             meta = rundir.read_job_meta(run_dir, task, seed)

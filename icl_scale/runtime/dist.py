@@ -8,11 +8,28 @@ from contextlib import contextmanager
 import torch
 
 
+def die_with_launcher() -> None:
+    """A rank started by a launcher ends when the launcher does: torch's launcher starts each rank
+    in a session of its own, so killing the launcher's process group would leave the ranks running
+    (and holding the run dir's lock). Linux: the kernel sends SIGKILL on the parent's death."""
+    import sys
+
+    if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    if os.getppid() == 1:   # the launcher died before the line above
+        os._exit(1)
+
+
 def init_state():
     """The accelerate PartialState; on CPU with several processes the gloo backend, created before
-    any Accelerator, else gathers fail."""
+    any Accelerator, else gathers fail. A launched rank is tied to its launcher first."""
     from accelerate import PartialState
 
+    die_with_launcher()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.cuda.is_available():
         return PartialState(backend="gloo")
