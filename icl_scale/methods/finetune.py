@@ -33,12 +33,17 @@ class FTLog:
     clipped: list[list[int]] = field(default_factory=list)        # per step: the layers the clip changed
 
 
-def _layer_sq_norms(trained: list[Trained], grads: list[torch.Tensor], n_layers: int) -> torch.Tensor:
-    """Per-layer squared L2 norms of the gradient, float64 [n_layers], on the gradients' device."""
-    sq = torch.zeros(n_layers + 1, dtype=torch.float64, device=grads[0].device)   # the last slot: layer -1
+def _sq_by_layer(trained: list[Trained], grads: list[torch.Tensor], n_layers: int) -> torch.Tensor:
+    """Squared L2 norm of the gradient per layer, float64 [n_layers + 1] on the gradients' device;
+    the last slot holds the parameters outside the layers (layer -1)."""
+    sq = torch.zeros(n_layers + 1, dtype=torch.float64, device=grads[0].device)
     for t, g in zip(trained, grads):
         sq[t.layer] += g.double().pow(2).sum()
-    return sq[:n_layers]
+    return sq
+
+
+def _layer_sq_norms(trained: list[Trained], grads: list[torch.Tensor], n_layers: int) -> torch.Tensor:
+    return _sq_by_layer(trained, grads, n_layers)[:n_layers]
 
 
 def clip_(trained: list[Trained], grads: list[torch.Tensor], how: str, value: float) -> torch.Tensor:
@@ -70,10 +75,7 @@ def clip_(trained: list[Trained], grads: list[torch.Tensor], how: str, value: fl
         for g in grads:
             g.mul_(factor)
         return trained_layers & (norm > value)
-    sq = torch.zeros(n_layers + 1, dtype=torch.float64, device=dev)   # layer_l2; the last slot: layer -1
-    for t, g in zip(trained, grads):
-        sq[t.layer] += g.double().pow(2).sum()
-    norm = sq.sqrt()
+    norm = _sq_by_layer(trained, grads, n_layers).sqrt()   # layer_l2
     factor = torch.where(norm > value, value / norm, 1.0)
     for t, g in zip(trained, grads):
         g.mul_(factor[t.layer])

@@ -97,6 +97,14 @@ def read_ft_log(run_dir: Path, task: str, setting: str, seed: int) -> dict | Non
     return json.loads(p.read_text()) if p.is_file() else None
 
 
+def _read_record(p: Path, what: str) -> dict:
+    """A JSON record the run wrote; garbage is one line naming the file."""
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{what} {p}: not valid JSON ({e.msg})") from None
+
+
 def calibration_path(run_dir: Path, task: str, setting: str, seed: int) -> Path:
     return run_dir / "calibration" / task / setting / f"seed{seed}.json"
 
@@ -110,13 +118,8 @@ def write_calibration(run_dir: Path, task: str, setting: str, seed: int, record:
 def read_calibration(run_dir: Path, task: str, setting: str, seed: int, config_hash: str) -> dict | None:
     """This run's calibration record, or None (none written, or another config's)."""
     p = calibration_path(run_dir, task, setting, seed)
-    if not p.is_file():
-        return None
-    try:
-        record = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"calibration record {p}: not valid JSON ({e.msg})") from None
-    return record if record.get("config_hash") == config_hash else None
+    record = _read_record(p, "calibration record") if p.is_file() else None
+    return record if record is not None and record.get("config_hash") == config_hash else None
 
 
 def learners_path(run_dir: Path, task: str, seed: int, rank: int) -> Path:
@@ -137,10 +140,7 @@ def read_learners(run_dir: Path, task: str, seed: int, config_hash: str, rank: i
     for p in paths:
         if not p.is_file():
             continue
-        try:
-            record = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"learner record {p}: not valid JSON ({e.msg})") from None
+        record = _read_record(p, "learner record")
         if record.get("config_hash") != config_hash:
             continue
         for name in ("knn", "logreg"):
