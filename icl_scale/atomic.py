@@ -6,6 +6,7 @@ same directory (parent directories created), then renamed into place with `os.re
     save_safetensors(path, arrays, meta) shards and trained weights (numpy arrays); returns the sha256
     save_png(path, fig)                  report figures (matplotlib)
     directory(path)                      a whole directory (a report, a converted model) swapped in at once
+    remove_stale(root)                   temporary files a killed process left under a directory
 
 No torch here: the report is built without it.
 """
@@ -63,6 +64,39 @@ def save_png(path: Path, fig, dpi: int = 110) -> None:
     os.replace(tmp, path)
 
 
+def _pid_of(name: str) -> int | None:
+    tail = name.rsplit(".tmp", 1)[-1] if ".tmp" in name else name.rsplit(".old", 1)[-1]
+    digits = "".join(c for c in tail.split(".")[0] if c.isdigit())
+    return int(digits) if digits else None
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None or pid == os.getpid():
+        return pid is not None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's live process
+        return True
+    return True
+
+
+def remove_stale(root: Path, dead_only: bool = True) -> list[Path]:
+    """Temporary files and directories (`.<name>.tmp<pid>`, `.<name>.old<pid>`) under `root` left
+    by a killed writer; `dead_only`: only those whose process is not running on this host (without
+    it: all, for a caller that knows no one else writes there, as a launch holding the run-dir lock)."""
+    root, gone = Path(root), []
+    if not root.is_dir():
+        return gone
+    for p in list(root.rglob(".*.tmp*")) + list(root.rglob(".*.old*")):
+        if (dead_only and _alive(_pid_of(p.name))) or not p.exists():
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        gone.append(p)
+    return gone
+
+
 @contextmanager
 def directory(path: Path, replace: bool = True):
     """Yield a fresh temporary directory; when the block succeeds it becomes `path` (replacing an
@@ -70,7 +104,9 @@ def directory(path: Path, replace: bool = True):
     first). A failing block leaves `path` as it was."""
     path = Path(path)
     tmp = _tmp(path)
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in path.parent.glob(f".{path.name}.*"):   # a killed writer's, not a running one's
+        if not _alive(_pid_of(stale.name)):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp

@@ -425,8 +425,12 @@ def result_dict(cfg: RunConfig) -> dict:
 
 
 def config_hash(cfg: RunConfig) -> str:
-    blob = json.dumps(result_dict(cfg), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return hash_of(result_dict(cfg))
+
+
+def hash_of(result_fields: dict) -> str:
+    """The config hash of a result dict (`result_dict`)."""
+    return hashlib.sha256(json.dumps(result_fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def diff_fields(old: dict, new: dict) -> list[str]:

@@ -63,7 +63,10 @@ def run_setting(cfg, model, trained: list[Trained], job: Job, setting: str, run_
                          cfg.output.record_dtype)
     progress.start(f"{job.task}/{setting} seed {job.key}", total=len(share), done=len(share) - len(todo))
     filler = (share or job.eval_rows)[0]
-    if steps:
+    redo = side_records_missing(cfg, job, setting, run_dir, h)   # the shards are whole, but not its FT log
+    if backend.lockstep:
+        redo = bool(dist.all_max(state, int(redo)))
+    if steps or redo:
         network.use(job.seed)
         spec = SETTINGS[setting]
         prefix = job.prompts[setting].prefix_ids
@@ -80,6 +83,19 @@ def run_setting(cfg, model, trained: list[Trained], job: Job, setting: str, run_
                 score_share(cfg, model, job, cache, todo, writer, progress, steps, filler, sizer)
     writer.close()
     log.info("job %s/%s seed %s: %d done now, %d before", job.task, setting, job.key, len(todo), len(share) - len(todo))
+
+
+def side_records_missing(cfg, job: Job, setting: str, run_dir: Path, h: str) -> bool:
+    """Whether a record beside the shards is missing, damaged or another config's: the FT log (and
+    trained weights) of an FT setting, the calibration record. The job then runs again (finetuning,
+    content-free inputs) without rescoring what its shards hold."""
+    if SETTINGS[setting].finetunes:
+        if rundir.read_ft_log(run_dir, job.task, setting, job.key, h, repair=True) is None:
+            return True
+        if cfg.output.save_ft_weights and not rundir.ft_weights_path(run_dir, job.task, setting, job.key).is_file():
+            return True
+    return (cfg.eval.calibration != "none"
+            and rundir.read_calibration(run_dir, job.task, setting, job.key, h, repair=True) is None)
 
 
 def finetune_job(cfg, model, trained, job: Job, setting: str, run_dir: Path, h: str, state, progress, backend,
@@ -117,7 +133,7 @@ def learner_pass(cfg, model, jobs: list[Job], run_dir: Path, h: str, state, back
     (under ZeRO-3 every rank the same number of forwards, the shorter shares padded)."""
     for job in (j for j in jobs if j.order == 0):
         share = job.eval_rows[state.process_index::state.num_processes]
-        missing = rundir.read_learners(run_dir, job.task, job.seed, h, state.process_index) is None
+        missing = rundir.read_learners(run_dir, job.task, job.seed, h, state.process_index, repair=True) is None
         rows = share
         if backend.lockstep:
             if dist.all_max(state, int(missing)) == 0:
@@ -134,6 +150,8 @@ def learner_pass(cfg, model, jobs: list[Job], run_dir: Path, h: str, state, back
 def score_share(cfg, model, job: Job, cache, todo: list[dict], writer: ShardWriter, progress, steps: int,
                 filler: dict, sizer: BatchSizer) -> None:
     """Score `todo`, then (lockstep) `filler` until `steps` queries ran; only todo is recorded."""
+    if not steps:
+        return
     options = job.enc.options()
     queries = sorted(((job.enc.input_ids(r), r) for r in todo), key=lambda qr: len(qr[0]))  # less padding
     queries += [(job.enc.input_ids(filler), None)] * (steps - len(todo))
@@ -179,10 +197,14 @@ def run(cfg: C.RunConfig, proc: Process | None = None) -> dict | None:
               "n_params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())}
     rundir.check_config(cfg, run_dir)
     lock = rundir.RunLock(run_dir)
-    held_by = lock.acquire() if state.is_main_process else None
-    if dist.all_max(state, int(held_by is not None)):   # every rank stops, with the reason
-        raise UserError(f"output.run_dir {run_dir}: in use by another launch "
-                        f"({held_by or 'see the main process'}); one launch at a time per run dir")
+    problem = None
+    if state.is_main_process:
+        held_by = lock.acquire()
+        problem = (f"output.run_dir {run_dir}: in use by another launch ({held_by}); one launch at a time per "
+                   f"run dir") if held_by else rundir.unrepairable(run_dir)
+    if dist.all_max(state, int(problem is not None)):   # every rank stops, with the reason
+        lock.release()
+        raise UserError(problem or f"output.run_dir {run_dir}: refused by the main process (its error says why)")
     if state.is_main_process:
         from rich.syntax import Syntax
 
@@ -190,7 +212,9 @@ def run(cfg: C.RunConfig, proc: Process | None = None) -> dict | None:
 
         rundir.check_or_save_config(cfg, run_dir)
         console().print(Syntax(yaml.safe_dump(C.to_dict(cfg), sort_keys=False) + f"# config hash {h}\n", "yaml"))
-        rundir.remove_orphans(run_dir)
+        removed = rundir.remove_orphans(run_dir, h)
+        if removed:   # a killed launch's or damaged files: their records are redone
+            console().print(f"resuming: removed {len(removed)} unfinished or damaged file(s), e.g. {removed[0]}")
         for job in jobs:
             rundir.write_job_meta(run_dir, job.task, job.key, job.meta | {"config_hash": h})
         rundir.write_invocation(run_dir, clock, state, launch, finished=False, peak_gpu_mib=dist.peak_gpu_mib(state))

@@ -89,12 +89,12 @@ def test_search_run_records_disjoint_dev_and_flags_a_diverged_run(tmp_path, data
         dev = set(summary["dev_ids"])
         assert len(dev) == 8 and summary["seeds"] == [1, 2]
         for seed in (1, 2):
-            meta = rundir.read_job_meta(run_dir, task, seed)
+            meta = rundir.read_job_meta(run_dir, task, seed, summary["config_hash"])
             assert meta["dev_ids"] == summary["dev_ids"]
             assert not (meta["eval_from_train"] and dev & set(meta["eval_ids"])) and not dev & set(meta["demo_ids"])
             assert not dev & set(meta["ft_demo_ids"])
             for setting in ("ft", "ft_lin"):   # every FT setting trained with the chosen rate
-                log = rundir.read_ft_log(run_dir, task, setting, seed)
+                log = rundir.read_ft_log(run_dir, task, setting, seed, summary["config_hash"])
                 assert log["lr"] == summary["rates"][setting] == summary["searches"]["ft"]["chosen_lr"]
     results = json.loads((reports / "run" / "results.json").read_text())
     flagged = results["tasks"]["sst2"]["diverged"]

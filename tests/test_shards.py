@@ -89,7 +89,7 @@ def test_orphans_of_a_kill_are_removed(tmp_path):
     w.close()
     (jd / "r0-00001.safetensors").write_bytes(b"renamed but never listed")
     (jd / ".r0-00002.safetensors.tmp123").write_bytes(b"half")
-    gone = remove_orphans(tmp_path)
+    gone = remove_orphans(tmp_path, "abc")
     assert sorted(p.name for p in gone) == [".r0-00002.safetensors.tmp123", "r0-00001.safetensors"]
     assert merge_job(jd, "abc", [0])["ids"].tolist() == [0]
 

@@ -16,12 +16,11 @@ flush is a new file: a killed run loses at most the shard in progress.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from icl_scale import atomic
+from icl_scale import atomic, records
 from icl_scale.errors import UserError
 
 SCHEMA = 1
@@ -45,14 +44,40 @@ def read_manifests(job_dir: Path, config_hash: str | None = None) -> list[dict]:
     """Every rank's manifest of a job; with `config_hash`, one written by another config is an error."""
     out = []
     for p in sorted(job_dir.glob("manifest-r*.json")):
-        try:
-            m = json.loads(p.read_text()) | {"_path": str(p)}
-        except json.JSONDecodeError:
-            raise UserError(f"manifest {p}: not valid JSON") from None
+        m = records.read(p, "manifest") | {"_path": str(p)}
         if config_hash is not None and m["config_hash"] != config_hash:
             raise UserError(f"manifest {p}: written by config {m['config_hash']}, not {config_hash}")
         out.append(m)
     return out
+
+
+def rebuild_manifest(path: Path, config_hash: str) -> list[Path]:
+    """A damaged manifest rewritten from its rank's shards (each shard's header says its config,
+    task, setting, seed and rank; its ids tensor which records it holds); a shard that cannot be
+    read or is another config's is deleted (its records are redone). Returns the deleted shards."""
+    from safetensors import safe_open
+
+    rank = int(path.name[len("manifest-r"):-len(".json")])
+    shards, gone, head = [], [], None
+    for p in sorted(path.parent.glob(f"r{rank}-*.safetensors")):
+        try:
+            with safe_open(str(p), framework="np") as f:
+                meta, ids = f.metadata(), f.get_tensor("ids").tolist()
+            if int(meta["rank"]) != rank or int(meta["schema"]) != SCHEMA or meta["config_hash"] != config_hash:
+                raise ValueError("another rank's, schema's or config's shard")
+        except Exception:   # truncated, garbage, foreign: its records are redone
+            p.unlink()
+            gone.append(p)
+            continue
+        head = head or meta
+        shards.append({"file": p.name, "sha256": atomic.sha256_file(p), "count": len(ids), "ids": ids})
+    if head is None:
+        path.unlink()
+        return gone
+    atomic.write_json(path, {"schema": SCHEMA, "config_hash": config_hash, "task": head["task"],
+                             "setting": head["setting"], "seed": int(head["seed"]), "rank": rank,
+                             "world_size": int(head["world_size"]), "shards": shards, "rebuilt": True})
+    return gone
 
 
 def done_ids(job_dir: Path, config_hash: str) -> set[int]:
@@ -75,7 +100,7 @@ class ShardWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.manifest_path = self.dir / f"manifest-r{rank}.json"
         if self.manifest_path.is_file():
-            self.manifest = json.loads(self.manifest_path.read_text())
+            self.manifest = records.read(self.manifest_path, "manifest")
             # keep only shards that really landed
             self.manifest["shards"] = [s for s in self.manifest["shards"] if (self.dir / s["file"]).is_file()]
         else:

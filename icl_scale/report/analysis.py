@@ -106,11 +106,12 @@ def similarities(recs: dict[str, JobRecords], ft: list[str], task: str, seed: in
     return out, heads
 
 
-def analyze_job(run_dir: Path, task: str, seed: int, meta: dict, recs: dict[str, JobRecords],
+def analyze_job(run_dir: Path, cfg, task: str, seed: int, meta: dict, recs: dict[str, JobRecords],
                 key: str | None = None) -> tuple[dict, dict]:
     """(results of one task × seed, per-example arrays for the bootstrap). `recs`: the records of
     the settings that did not fail; `key`: the job's name in paths where it is not the seed (a
-    demonstration order)."""
+    demonstration order). A record the config says the run wrote and that is not there is an
+    error naming the file."""
     key = str(seed) if key is None else key
     methods = list(recs)
     if not methods:
@@ -132,8 +133,8 @@ def analyze_job(run_dir: Path, task: str, seed: int, meta: dict, recs: dict[str,
                  "brier": {s: M.brier(p, gold) for s, p in probs.items()}}
     examples: dict = {"gold": gold} | {("pred", s): p for s, p in pred.items()} | {("probs", s): p
                                                                                     for s, p in probs.items()}
-    content_free = {s: c["mean"] for s in methods
-                    if (c := rundir.read_calibration(run_dir, task, s, key, meta["config_hash"])) is not None}
+    content_free = {s: c["mean"] for s in methods if (c := rundir.read_calibration(
+        run_dir, task, s, key, meta["config_hash"], required=cfg.eval.calibration != "none")) is not None}
     if content_free:
         cal = {s: M.calibrated(probs[s], c) for s, c in content_free.items()}
         res["acc_cal"] = {s: M.accuracy(p, gold) for s, p in cal.items()}
@@ -141,8 +142,9 @@ def analyze_job(run_dir: Path, task: str, seed: int, meta: dict, recs: dict[str,
         examples |= {("pred_cal", s): p for s, p in cal.items()}
         if "zsl" in cal and "icl" in cal:
             res["rpa_cal"] = {f: M.rpa(cal["zsl"], cal["icl"], cal[f], gold)["all"] for f in ft if f in cal}
-    learned = rundir.read_learners(run_dir, task, seed, meta["config_hash"]) if key == str(seed) else None
     ids = small[methods[0]]["ids"].tolist()
+    learned = (rundir.read_learners(run_dir, task, seed, meta["config_hash"],
+                                    required_ids=ids if cfg.eval.learners else None) if key == str(seed) else None)
     if learned and all(i in learned[n] for n in learned for i in ids):
         lp = {n: np.array([learned[n][i] for i in ids], dtype=np.int64) for n in learned}
         examples |= {("pred", n): p for n, p in lp.items()}
@@ -163,7 +165,7 @@ def analyze_job(run_dir: Path, task: str, seed: int, meta: dict, recs: dict[str,
             res["undefined"] = {name: [int(np.isnan(v).sum()), int(v.size)] for name, v in sims.items()
                                 if np.isnan(v).any()}
             res["heads_left_out"] = {name: list(kn) for name, kn in heads.items() if kn[0]}
-    logs = {f: rundir.read_ft_log(run_dir, task, f, key) for f in ft_settings(list(recs))}
+    logs = {f: rundir.read_ft_log(run_dir, task, f, key, meta["config_hash"]) for f in ft_settings(list(recs))}
     res["ft_logs"] = {f: log for f, log in logs.items() if log is not None}
     return res, examples
 
@@ -226,13 +228,13 @@ def order_spread(run_dir: Path, cfg, task: str, h: str, per_seed: dict, summary:
     for seed, r0 in per_seed.items():
         if "zsl" not in methods or "acc" not in r0:
             continue
-        meta = rundir.read_job_meta(run_dir, task, seed)
+        meta = rundir.read_job_meta(run_dir, task, seed, h)
         zsl = rundir.job_dir(run_dir, task, "zsl", seed)
         for order in range(1, cfg.data.orders):
             key = f"{seed}o{order}"
             recs = {"zsl": JobRecords(zsl, h, meta["eval_ids"])} | {
                 m: JobRecords(rundir.job_dir(run_dir, task, m, key), h, meta["eval_ids"]) for m in methods if m != "zsl"}
-            r, _ = analyze_job(run_dir, task, seed, meta, recs, key=key)
+            r, _ = analyze_job(run_dir, cfg, task, seed, meta, recs, key=key)
             for rec in recs.values():
                 rec.release()
             for m in methods:
@@ -260,6 +262,7 @@ def analyze(run_dir: Path, exclude_diverged: bool | None = None) -> dict:
     if exclude_diverged is None:
         exclude_diverged = cfg.report.exclude_diverged
     methods = list(cfg.eval.methods)
+    searched = cfg.finetune.lr_search and bool(ft_settings(methods))
     failures = [f for f in rundir.read_failures(run_dir) if f["config_hash"] == h]
     tasks = {}
     for task in cfg.data.tasks:
@@ -268,11 +271,11 @@ def analyze(run_dir: Path, exclude_diverged: bool | None = None) -> dict:
             bad = {f["setting"] for f in failures if f["task"] == task and str(f["seed"]) == str(seed)}   # "1o2": an order job
             for s in sorted(bad):
                 failed.setdefault(s, []).append(seed)
-            meta = rundir.read_job_meta(run_dir, task, seed)
+            meta = rundir.read_job_meta(run_dir, task, seed, h)
             # each job's shards verified once, here, for the job's figures and the ceilings alike
             recs[seed] = {m: JobRecords(rundir.job_dir(run_dir, task, m, seed), h, meta["eval_ids"])
                           for m in methods if m not in bad}
-            per_seed[seed], examples[seed] = analyze_job(run_dir, task, seed, meta, recs[seed])
+            per_seed[seed], examples[seed] = analyze_job(run_dir, cfg, task, seed, meta, recs[seed])
             for r in recs[seed].values():
                 r.release()
         names = sorted({n for r in per_seed.values() for n in r.get("layers", {})}, key=str)
@@ -290,7 +293,7 @@ def analyze(run_dir: Path, exclude_diverged: bool | None = None) -> dict:
         orders = order_spread(run_dir, cfg, task, h, per_seed, summary, methods) if cfg.data.orders > 1 else {}
         tasks[task] = {"seeds": {str(s): r for s, r in per_seed.items()}, "summary": summary, "orders": orders,
                        "layers": layers, "failed": failed, "diverged": flagged,
-                       "lr_search": rundir.read_lr_search(run_dir, task)}
+                       "lr_search": rundir.read_lr_search(run_dir, task, h, required=searched)}
     return {"run_dir": str(run_dir), "config_hash": h, "config": cfg, "methods": methods,
             "ft_settings": ft_settings(methods), "tasks": tasks, "failures": failures,
             "exclude_diverged": exclude_diverged}

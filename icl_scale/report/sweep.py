@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import tempfile
 from pathlib import Path
 
-from icl_scale import atomic
+from icl_scale import atomic, records
 from icl_scale.errors import UserError, first_line
 from icl_scale.report.analysis import analyze
 from icl_scale.report.keys import Key
@@ -49,18 +48,15 @@ def member_figure(results: dict, key: Key) -> tuple[float, float, float]:
 def read_sweep(run_dir: Path) -> list[dict]:
     """Each member: model, k, run dir, parameters, results (or the reason it has none)."""
     path = run_dir / "sweep.json"
-    try:
-        members = json.loads(path.read_text())["members"]
-    except FileNotFoundError:
-        raise UserError(f"sweep {run_dir}: no sweep.json (not a sweep run dir)") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"sweep file {path}: not a sweep record ({first_line(e)})") from None
+    if not path.is_file():
+        raise UserError(f"sweep {run_dir}: no sweep.json (not a sweep run dir)")
+    members = records.read(path, "sweep record")["members"]
     out = []
     for m in members:
         row = dict(m, params=None, results=None, problem=None)
         failure = run_dir / "failures" / f"{m['run_dir']}.json"
         if failure.is_file():
-            row["problem"] = "failed: " + json.loads(failure.read_text())["error"]
+            row["problem"] = "failed: " + records.read(failure, "sweep failure")["error"]
         else:
             try:
                 row["results"] = analyze(run_dir / m["run_dir"])

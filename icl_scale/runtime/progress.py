@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -13,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichProgress
 
-from icl_scale import atomic
+from icl_scale import atomic, records
 
 
 def console() -> Console:
@@ -82,12 +81,8 @@ class Progress:
         self.last_sync = time.time()
         atomic.write_json(self.dir / f"r{self.rank}.json", {"done": self.done, "jobs_done": self.jobs_done}, indent=None)
         if self.bar:
-            counts = []
-            for r in range(self.world):
-                try:
-                    counts.append(json.loads((self.dir / f"r{r}.json").read_text()))
-                except (OSError, ValueError):   # not written yet
-                    counts.append({"done": 0, "jobs_done": 0})
+            counts = [records.repairable(self.dir / f"r{r}.json", "progress file") or {"done": 0, "jobs_done": 0}
+                      for r in range(self.world)]   # none yet: that rank has not started
             self.bar.update(self.overall, completed=sum(c["done"] for c in counts),
                             description=self._describe(min(c["jobs_done"] for c in counts)))
 

@@ -16,16 +16,19 @@
 
 from __future__ import annotations
 
-import json
+import logging
 from pathlib import Path
 
 import yaml
 
 from icl_scale import atomic
 from icl_scale import config as C
-from icl_scale.capture.shards import read_manifests
+from icl_scale import records
+from icl_scale.capture.shards import read_manifests, rebuild_manifest
 from icl_scale.errors import UserError
 from icl_scale.settings import SETTINGS
+
+log = logging.getLogger("icl_scale")
 
 
 def job_dir(run_dir: Path, task: str, setting: str, seed: int) -> Path:
@@ -38,15 +41,22 @@ def job_meta_path(run_dir: Path, task: str, seed: int) -> Path:
 
 def check_config(cfg: C.RunConfig, run_dir: Path) -> str:
     """On resume, a changed result field is an error naming the fields. Reads only, so every rank
-    runs it and each stops with the reason, not only the main one."""
+    runs it and each stops with the reason, not only the main one. A damaged config.json is
+    rewritten by this launch, unless the shards say the dir holds another config's run."""
     h = C.config_hash(cfg)
-    path = run_dir / "config.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if old["config_hash"] != h:
-            fields = C.diff_fields(old["result_fields"], C.result_dict(cfg))
-            raise UserError(f"run dir {run_dir} holds a run of another config: {', '.join(fields)} differ "
-                            f"(use another output.run_dir)")
+    old = records.repairable(run_dir / "config.json", "run config")
+    if old is not None and C.hash_of(old["result_fields"]) != old["config_hash"]:
+        old = None   # damaged
+    if old is not None and old["config_hash"] != h:
+        fields = C.diff_fields(old["result_fields"], C.result_dict(cfg))
+        raise UserError(f"run dir {run_dir} holds a run of another config: {', '.join(fields)} differ "
+                        f"(use another output.run_dir)")
+    if old is None:
+        for p in sorted((run_dir / "shards").glob("*/*/*/manifest-r*.json")):
+            m = records.repairable(p, "manifest")
+            if m is not None and m["config_hash"] != h:
+                raise UserError(f"run dir {run_dir} holds shards of another config ({p} was written by "
+                                f"config {m['config_hash']}) and no sound config.json: use another output.run_dir")
     return h
 
 
@@ -63,12 +73,15 @@ def load_run(run_dir: Path) -> dict:
     path = run_dir / "config.json"
     if not path.is_file():
         raise UserError(f"run dir {run_dir}: no config.json (not a run dir)")
-    return json.loads(path.read_text())
+    return records.read(path, "run config")
 
 
 def read_config(run_dir: Path) -> tuple[C.RunConfig, str]:
     """The run's resolved config, typed again, and its hash."""
     run = load_run(run_dir)
+    if C.hash_of(run["result_fields"]) != run["config_hash"]:
+        raise records.Damaged(f"run config {run_dir / 'config.json'}: its config_hash is not its result fields' "
+                              f"({records.HINTS['run config']})")
     return C.build(run["config"], source=str(run_dir / "config.json")), run["config_hash"]
 
 
@@ -76,8 +89,10 @@ def write_job_meta(run_dir: Path, task: str, seed: int, meta: dict) -> None:
     atomic.write_json(job_meta_path(run_dir, task, seed), meta)
 
 
-def read_job_meta(run_dir: Path, task: str, seed: int) -> dict:
-    return json.loads(job_meta_path(run_dir, task, seed).read_text())
+def read_job_meta(run_dir: Path, task: str, seed: int, config_hash: str) -> dict:
+    """For the report; every launch rewrites the job metas, so a rerun repairs a damaged one."""
+    p = job_meta_path(run_dir, task, seed)
+    return records.of_config(records.read(p, "job meta"), config_hash, p, "job meta")
 
 
 def ft_log_path(run_dir: Path, task: str, setting: str, seed: int) -> Path:
@@ -92,17 +107,18 @@ def write_ft_log(run_dir: Path, task: str, setting: str, seed: int, log, config_
                       indent=None)
 
 
-def read_ft_log(run_dir: Path, task: str, setting: str, seed: int) -> dict | None:
-    p = ft_log_path(run_dir, task, setting, seed)
-    return json.loads(p.read_text()) if p.is_file() else None
+def read_ft_log(run_dir: Path, task: str, setting: str, seed: int, config_hash: str,
+                repair: bool = False) -> dict | None:
+    """This config's FT log. `repair` (the run): None when missing, damaged or another config's,
+    so the job finetunes again; else (the report) each of those is an error naming the file."""
+    return _side_record(ft_log_path(run_dir, task, setting, seed), "FT log", config_hash, repair, required=True)
 
 
-def _read_record(p: Path, what: str) -> dict:
-    """A JSON record the run wrote; garbage is one line naming the file."""
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{what} {p}: not valid JSON ({e.msg})") from None
+def _side_record(p: Path, kind: str, config_hash: str, repair: bool, required: bool = False) -> dict | None:
+    if repair:
+        return records.repairable(p, kind, config_hash)
+    record = records.read(p, kind) if required else records.read_if_any(p, kind)
+    return records.of_config(record, config_hash, p, kind)
 
 
 def calibration_path(run_dir: Path, task: str, setting: str, seed: int) -> Path:
@@ -115,11 +131,12 @@ def write_calibration(run_dir: Path, task: str, setting: str, seed: int, record:
     atomic.write_json(calibration_path(run_dir, task, setting, seed), record | {"config_hash": config_hash})
 
 
-def read_calibration(run_dir: Path, task: str, setting: str, seed: int, config_hash: str) -> dict | None:
-    """This run's calibration record, or None (none written, or another config's)."""
-    p = calibration_path(run_dir, task, setting, seed)
-    record = _read_record(p, "calibration record") if p.is_file() else None
-    return record if record is not None and record.get("config_hash") == config_hash else None
+def read_calibration(run_dir: Path, task: str, setting: str, seed: int, config_hash: str,
+                     repair: bool = False, required: bool = False) -> dict | None:
+    """This config's calibration record (None: not written, unless `required`); `repair` as for
+    `read_ft_log`."""
+    return _side_record(calibration_path(run_dir, task, setting, seed), "calibration record", config_hash, repair,
+                        required)
 
 
 def learners_path(run_dir: Path, task: str, seed: int, rank: int) -> Path:
@@ -131,20 +148,24 @@ def write_learners(run_dir: Path, task: str, seed: int, rank: int, record: dict,
     atomic.write_json(learners_path(run_dir, task, seed, rank), record | {"config_hash": config_hash})
 
 
-def read_learners(run_dir: Path, task: str, seed: int, config_hash: str, rank: int | None = None) -> dict | None:
+def read_learners(run_dir: Path, task: str, seed: int, config_hash: str, rank: int | None = None,
+                  repair: bool = False, required_ids: list[int] | None = None) -> dict | None:
     """{"knn"|"logreg": {example id: prediction}} over every rank's file of this config (or one
-    rank's); None when there is none."""
+    rank's); None when there is none; `repair` as for `read_ft_log`; `required_ids`: an id without
+    a prediction is an error naming the files."""
     paths = ([learners_path(run_dir, task, seed, rank)] if rank is not None
              else sorted((run_dir / "learners" / task).glob(f"seed{seed}-r*.json")))
     out: dict[str, dict[int, int]] = {}
     for p in paths:
-        if not p.is_file():
-            continue
-        record = _read_record(p, "learner record")
-        if record.get("config_hash") != config_hash:
+        record = _side_record(p, "learner record", config_hash, repair)
+        if record is None:
             continue
         for name in ("knn", "logreg"):
             out.setdefault(name, {}).update(zip(record["ids"], record[name]))
+    missing = [i for i in required_ids or () if any(i not in out.get(n, {}) for n in ("knn", "logreg"))]
+    if missing:
+        raise records.Damaged(f"learner records {learners_path(run_dir, task, seed, 0).parent}/seed{seed}-r*.json: "
+                              f"no prediction for example id {missing[0]} ({records.RERUN})")
     return out or None
 
 
@@ -160,20 +181,16 @@ def write_lr_point(run_dir: Path, record: dict, config_hash: str) -> None:
 
 def read_lr_point(run_dir: Path, task: str, setting: str, index: int, seed: int, config_hash: str) -> dict | None:
     """The point's record if this config wrote it, else None (to be run)."""
-    p = lr_point_path(run_dir, task, setting, index, seed)
-    if not p.is_file():
-        return None
-    record = json.loads(p.read_text())
-    return record if record.get("config_hash") == config_hash else None
+    return records.repairable(lr_point_path(run_dir, task, setting, index, seed), "lr point", config_hash)
 
 
 def write_lr_search(run_dir: Path, task: str, summary: dict) -> None:
     atomic.write_json(run_dir / "lr_search" / f"{task}.json", summary)
 
 
-def read_lr_search(run_dir: Path, task: str) -> dict | None:
-    p = run_dir / "lr_search" / f"{task}.json"
-    return json.loads(p.read_text()) if p.is_file() else None
+def read_lr_search(run_dir: Path, task: str, config_hash: str, required: bool) -> dict | None:
+    """For the report (every launch that searches rewrites it)."""
+    return _side_record(run_dir / "lr_search" / f"{task}.json", "lr selection", config_hash, False, required)
 
 
 def ft_weights_path(run_dir: Path, task: str, setting: str, seed: int) -> Path:
@@ -187,28 +204,42 @@ def write_ft_weights(run_dir: Path, task: str, setting: str, seed: int, trained,
                             {"config_hash": config_hash, "setting": setting, "holds": SETTINGS[setting].stores})
 
 
-def remove_orphans(run_dir: Path) -> list[Path]:
+def remove_orphans(run_dir: Path, config_hash: str) -> list[Path]:
     """Shards renamed into place whose manifest update never happened (a kill in between), shards
     whose bytes no longer match their manifest's sha256 (damage), and temporary files: their
-    records are redone, so the files go (and a damaged shard's manifest entry with them)."""
-    gone = []
+    records are redone, so the files go (and a damaged shard's manifest entry with them). A damaged
+    manifest (or one of another config: `check_config` found the dir to be this config's) is rebuilt
+    from its rank's shards first. Called by the launch holding the run-dir lock, before any rank
+    writes, so every temporary file under the run dir is a killed writer's."""
+    gone = atomic.remove_stale(run_dir, dead_only=False)
     root = run_dir / "shards"
     if not root.is_dir():
         return gone
     for jd in {p.parent for p in root.rglob("*") if p.is_file()}:
-        manifests = read_manifests(jd)
-        for m in manifests:
-            good = [s for s in m["shards"] if not (jd / s["file"]).is_file()
-                    or atomic.sha256_file(jd / s["file"]) == s["sha256"]]
-            if len(good) != len(m["shards"]):
-                for s in m["shards"]:
-                    if s not in good:
-                        (jd / s["file"]).unlink()
-                        gone.append(jd / s["file"])
+        ranks = {r for p in jd.glob("r*-*.safetensors") if (r := p.name.split("-")[0][1:]).isdigit()}
+        for p in {jd / f"manifest-r{r}.json" for r in ranks} | set(jd.glob("manifest-r*.json")):
+            try:
+                if records.read(p, "manifest")["config_hash"] != config_hash:
+                    raise records.Damaged(f"manifest {p}: another config's")
+            except records.Damaged as e:   # missing too: the shards are kept, not redone
+                log.warning("%s; rebuilding it from the shards", e)
+                gone += rebuild_manifest(p, config_hash)
+        seen: set[int] = set()
+        for m in read_manifests(jd):
+            good = []
+            for s in m["shards"]:
+                p = jd / s["file"]
+                if not p.is_file():   # dropped by its writer on the rerun
+                    good.append(s)
+                elif atomic.sha256_file(p) == s["sha256"] and not seen & set(s["ids"]) \
+                        and s["file"] not in {g["file"] for g in good}:   # not damaged, no record twice
+                    seen.update(s["ids"])
+                    good.append(s)
+            if len(good) != len(m["shards"]):   # the rest are redone (the files go below, unlisted)
                 atomic.write_json(Path(m["_path"]), {k: v for k, v in m.items() if k != "_path"} | {"shards": good})
         listed = {s["file"] for m in read_manifests(jd) for s in m["shards"]}
         for p in jd.iterdir():
-            if (p.name.startswith(".") and ".tmp" in p.name) or (p.suffix == ".safetensors" and p.name not in listed):
+            if p.suffix == ".safetensors" and p.name not in listed:
                 p.unlink()
                 gone.append(p)
     return gone
@@ -279,7 +310,7 @@ def write_invocation(run_dir: Path, clock, state, launch: dict, finished: bool,
 
 def read_invocations(run_dir: Path) -> list[dict]:
     root = run_dir / "invocations"
-    return [json.loads(p.read_text()) for p in sorted(root.glob("*.json"))] if root.is_dir() else []
+    return [records.read(p, "launch record") for p in sorted(root.glob("*.json"))] if root.is_dir() else []
 
 
 def failure_path(run_dir: Path, task: str, setting: str, seed: int, rank: int) -> Path:
@@ -302,6 +333,20 @@ def clear_failure(run_dir: Path, task: str, setting: str, seed: int, rank: int) 
     failure_path(run_dir, task, setting, seed, rank).unlink(missing_ok=True)
 
 
+def unrepairable(run_dir: Path) -> str | None:
+    """Why this run dir cannot be resumed as it is (a damaged launch record: provenance no rerun can
+    recompute), or None. Damaged failure records go: a rerun redoes their jobs and records a
+    failure again if one still fails."""
+    for p in sorted((run_dir / "failures").rglob("*.json")):
+        if records.repairable(p, "failure record") is None:
+            p.unlink()
+    try:
+        read_invocations(run_dir)
+    except records.Damaged as e:
+        return str(e)
+    return None
+
+
 def read_failures(run_dir: Path) -> list[dict]:
     root = run_dir / "failures"
-    return [json.loads(p.read_text()) for p in sorted(root.rglob("*.json"))] if root.is_dir() else []
+    return [records.read(p, "failure record") for p in sorted(root.rglob("*.json"))] if root.is_dir() else []
