@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("run", "suite", "sweep"):
             cfg = _config_of(args)
+            from icl_scale.runtime.rundir import check_writable
+
+            check_writable(cfg.output.run_dir, "output.run_dir")   # before any work, not after it
+            check_writable(cfg.output.report_dir, "output.report_dir")
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             if args.command == "run":
                 from icl_scale.run import run
@@ -93,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             from icl_scale.report.render import write_report
             from icl_scale.runtime.progress import console
 
+            from icl_scale.runtime.rundir import check_writable
+
+            check_writable(args.report_dir, "--report-dir")
             exclude = None if args.exclude_diverged is None else args.exclude_diverged == "true"
             if (Path(args.run_dir) / "sweep.json").is_file():   # a sweep dir: its members' reports, then its own
                 from icl_scale.report.sweep import read_sweep, write_sweep_report

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from icl_scale import config as C
+from icl_scale.errors import UserError
 from icl_scale.prompts import Encoder, Prompt, fit_prompt, zsl_prompt
 from icl_scale.settings import SETTINGS
 from icl_scale.tasks import get_task
@@ -68,6 +69,13 @@ def plan(cfg: C.RunConfig, tok, model_max: int) -> list[Job]:
             by_kind = {"icl": fit_prompt(enc, split.demos, split.eval_full, max_len), "zsl": zsl_prompt(enc)}
             icl = by_kind["icl"]
             ft_rows = split.demos[: icl.k_effective] if cfg.finetune.demos == "icl" else split.demos
+            if any(SETTINGS[m].finetunes for m in cfg.eval.methods):
+                for r in ft_rows:   # each FT step is one demonstration; none may be cut
+                    n = 1 + len(enc.demo_ids(r))
+                    if n > max_len:
+                        raise UserError(f"task {task} seed {seed}: finetuning demonstration id {r['id']} is {n} "
+                                        f"tokens, over model.max_length {max_len} (raise it, or use "
+                                        f"finetune.demos icl: only the demonstrations that fit the ICL prompt)")
             lr = C.lr_for(cfg, task, spec.ft_lr)
             meta = {"task": task, "seed": seed, "source": src.description, "eval_ids": [r["id"] for r in split.eval],
                     "eval_size_full": len(split.eval_full), "eval_from_train": split.eval_from_train,

@@ -105,3 +105,83 @@ def test_bad_config_file(tmp_path, data_dir):
 def test_report_of_a_non_run_dir(tmp_path):
     r = run_cli(["report", str(tmp_path)])
     assert r.returncode == 2 and "no config.json" in r.stderr
+
+
+def cb_rows(data_dir, n=12) -> list[str]:
+    return (data_dir / "cb" / "train.jsonl").read_text().splitlines()[:n]
+
+
+# (file name, its bytes from the good CB rows, the message): written as <files>/cb/<name>
+DATA_FILES = [
+    ("train.jsonl", lambda g: ("\n".join(g[:3]) + "\n").encode() + b'{"premise": "\xff\xfe", "hypothesis": "x", '
+     b'"label": 0}\n', "train.jsonl: line 4 is not UTF-8 (byte 0xff)"),
+    ("train.jsonl", lambda g: "\n".join(g[:3] + [g[3].replace('"label": ', '"label": 1.5, "x": ')]).encode(),
+     "train.jsonl row 4: label 1.5"),
+    ("train.jsonl", lambda g: "\n".join(g[:2] + ['{"premise": "a", "hypothesis": "b", "label": true}']).encode(),
+     "train.jsonl row 3: label True is a boolean"),
+    ("train.csv", lambda g: b"premise,hypothesis,label\na,b,0\nc,d,1,extra\n", "train.csv: row 2 has 4 fields, the header 3"),
+    ("train.csv", lambda g: b"premise,hypothesis,label\na,b,0.0\nc,d,2.5\n", "train.csv row 2: label 2.5"),
+]
+
+
+@pytest.mark.parametrize("name, content, message", DATA_FILES)
+def test_bad_data_file_blames_its_row(tmp_path, data_dir, name, content, message):
+    import json
+
+    d = tmp_path / "files" / "cb"
+    d.mkdir(parents=True)
+    good = [json.dumps(json.loads(x) | {"label": json.loads(x)["label"]}) for x in cb_rows(data_dir)]
+    (d / name).write_bytes(content(good))
+    r = run_cli(base(tmp_path, data_dir) + ["--data.source", "files", "--data.files_dir", str(tmp_path / "files")])
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_finetuning_demonstration_over_max_length_is_refused_in_the_plan(tmp_path, data_dir):
+    import json
+
+    d = tmp_path / "files" / "cb"
+    d.mkdir(parents=True)
+    rows = [json.loads(x) for x in cb_rows(data_dir, 40)]
+    for r in rows[::2]:   # longer than max_length: never in the ICL prompt's fit, but finetune.demos all
+        r["premise"] = " ".join(["word"] * 800)
+    (d / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (d / "eval.jsonl").write_text((data_dir / "cb" / "val.jsonl").read_text())
+    args = base(tmp_path, data_dir) + ["--data.source", "files", "--data.files_dir", str(tmp_path / "files"),
+                                       "--eval.methods", "zsl,icl,ft", "--finetune.demos", "all", "--data.k", "16",
+                                       "--model.max_length", "2000"]
+    r = run_cli(args)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "finetuning demonstration id" in lines[0] and "over model.max_length 2000" in lines[0], r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_paths_are_checked_before_any_work(tmp_path, data_dir):
+    (tmp_path / "afile").write_text("x")
+    for field, value, message in [("--output.run_dir", "afile", "is a file, not a directory"),
+                                  ("--output.run_dir", "afile/run", "is under a file"),
+                                  ("--output.report_dir", "afile/reports", "is under a file")]:
+        r = run_cli(base(tmp_path, data_dir) + [field, str(tmp_path / value)])
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and f"config field {field[2:]}" in lines[0], r.stderr
+        assert message in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"zero_optimization": 3}, "zero_optimization must be a JSON object, not 3"),
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"devic": "cpu"}}},
+     "zero_optimization.offload_optimizer.devic: Extra inputs are not permitted"),
+    ({"bf16": {"enabled": "maybe"}}, "bf16.enabled"),
+])
+def test_nested_deepspeed_keys_are_validated_before_anything_is_written(tmp_path, data_dir, body, message):
+    import json
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps(body))
+    r = run_cli(base(tmp_path, data_dir) + ["--eval.methods", "zsl,ft", "--finetune.deepspeed", str(ds)])
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and message in lines[0] and str(ds) in lines[0], r.stderr
+    assert not (tmp_path / "run").exists()

@@ -36,10 +36,32 @@ def read_ds_config(path: str) -> dict:
     unknown = sorted(set(cfg) - DS_KEYS)
     if unknown:
         raise UserError(f"DeepSpeed config {path}: unknown key {unknown[0]!r}")
+    _validate_sections(cfg, path)
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise UserError(f"DeepSpeed config {path}: zero_optimization.stage {stage!r} is not one of 0, 1, 2, 3")
     return cfg
+
+
+def _validate_sections(cfg: dict, path: str) -> None:
+    """The nested sections checked by DeepSpeed's own config models, before anything is written
+    (DeepSpeed itself would stop inside the engine, after the run dir exists)."""
+    import pydantic
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    for key, model in (("zero_optimization", DeepSpeedZeroConfig), ("bf16", DeepSpeedBF16Config),
+                       ("fp16", DeepSpeedFP16Config)):
+        if key not in cfg:
+            continue
+        if not isinstance(cfg[key], dict):
+            raise UserError(f"DeepSpeed config {path}: {key} must be a JSON object, not {json.dumps(cfg[key])}")
+        try:   # "auto": accelerate fills it in from the model
+            model(**{k: v for k, v in cfg[key].items() if v != "auto"})
+        except pydantic.ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(map(str, (key, *err["loc"])))
+            raise UserError(f"DeepSpeed config {path}: {where}: {err['msg']}") from None
 
 
 @dataclass

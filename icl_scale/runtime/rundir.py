@@ -39,6 +39,26 @@ def job_meta_path(run_dir: Path, task: str, seed: int) -> Path:
     return run_dir / "jobs" / task / f"seed{seed}.json"
 
 
+def check_writable(path: Path, field: str) -> None:
+    """A directory the run will write: one that is there or can be made, and writable (probed with a
+    temporary file, since permission bits do not bind root). Checked before any work."""
+    import tempfile
+
+    path = Path(path).absolute()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"config field {field}: {path} is a file, not a directory")
+    there = path
+    while not there.exists():
+        there = there.parent
+    if not there.is_dir():
+        raise UserError(f"config field {field}: {path} is under a file ({there})")
+    try:
+        with tempfile.TemporaryFile(dir=there):
+            pass
+    except OSError as e:
+        raise UserError(f"config field {field}: {there} is not writable ({e.strerror})") from None
+
+
 def check_config(cfg: C.RunConfig, run_dir: Path) -> str:
     """On resume, a changed result field is an error naming the fields. Reads only, so every rank
     runs it and each stops with the reason, not only the main one. A damaged config.json is

@@ -28,7 +28,10 @@ class SourceRows:
 def to_label(spec: TaskSpec, value, where: str) -> int:
     """Accept a label id, a label word, or a source's label name (CB's entailment/...)."""
     if isinstance(value, bool):
-        value = None
+        raise UserError(f"{where}: label {value!r} is a boolean, not one of 0..{len(spec.label_words) - 1} "
+                        f"or {', '.join(spec.label_words)}")
+    if isinstance(value, float) and value.is_integer():   # a float column (CSV "1.0", or cast by datasets)
+        value = int(value)
     if isinstance(value, str):
         low = value.strip().lower()
         words = {w.lower(): i for i, w in enumerate(spec.label_words)}
@@ -62,16 +65,42 @@ def _rows_from_records(spec: TaskSpec, records, where: str) -> list[dict]:
     return rows
 
 
-def _first_bad_json_line(path: Path) -> str:
-    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+def _text(path: Path) -> str:
+    """The file's text; bytes that are not UTF-8 are an error naming the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise UserError(f"data file {path}: line {line} is not UTF-8 (byte 0x{data[e.start]:02x})") from None
+
+
+def _check_rows(spec: TaskSpec, path: Path, kind: str) -> None:
+    """Rows checked as written, before `datasets` casts a column (a float or boolean label cast to
+    the column's type would be blamed on another row): JSON lines each an object with a valid
+    label; CSV rows each with the header's number of fields."""
+    import csv
+    import io
+
+    if kind == "parquet":   # typed columns: `datasets` reads them as written
+        return
+    text = _text(path)
+    if kind == "csv":
+        rows = list(csv.reader(io.StringIO(text)))
+        for n, row in enumerate(rows[1:], 1):
+            if row and len(row) != len(rows[0]):
+                raise UserError(f"data file {path}: row {n} has {len(row)} fields, the header {len(rows[0])}")
+        return
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            if not isinstance(json.loads(line), dict):
-                return f"row {n} is not a JSON object"
+            record = json.loads(line)
         except json.JSONDecodeError as e:
-            return f"row {n} is not valid JSON ({e.msg})"
-    return "cannot be parsed"
+            raise UserError(f"data file {path}: row {n} is not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"data file {path}: row {n} is not a JSON object")
+        to_label(spec, record.get("label"), f"data file {path} row {n}")
 
 
 def read_table(spec: TaskSpec, path: Path) -> list[dict]:
@@ -85,10 +114,7 @@ def read_table(spec: TaskSpec, path: Path) -> list[dict]:
         raise UserError(f"data file {path}: unsupported format (use .jsonl, .csv or .parquet)")
     if path.stat().st_size == 0:
         raise UserError(f"data file {path}: split is empty")
-    if kind == "json":
-        problem = _first_bad_json_line(path)
-        if problem != "cannot be parsed":
-            raise UserError(f"data file {path}: {problem}")
+    _check_rows(spec, path, kind)
     datasets.disable_progress_bars()
     try:
         ds = datasets.load_dataset(kind, data_files=str(path), split="train")
@@ -132,7 +158,7 @@ def _sst2_dev(spec: TaskSpec, path: Path) -> list[dict]:
     if not path.is_file():
         raise UserError(f"data file {path} not found (set data.data_dir)")
     records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(_text(path).splitlines(), 1):
         label, _, text = line.partition(" ")
         if label not in ("0", "1") or not text.strip():
             raise UserError(f"data file {path}: row {n} is not '<0|1> <text>'")
