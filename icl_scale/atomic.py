@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,10 +27,25 @@ def _tmp(path: Path, suffix: str = "") -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}{suffix}")
 
 
+@contextmanager
+def _landing(path: Path, tmp: Path):
+    """A failed write (a full disk) leaves no temporary file and names the file it was writing."""
+    try:
+        yield
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        # safetensors' Rust writer reports an OS error as text: "... (os error 28)"
+        code = e.errno if isinstance(e, OSError) else next(map(int, re.findall(r"os error (\d+)", str(e))), None)
+        if code is not None and getattr(e, "filename", None) is None:
+            raise OSError(code, os.strerror(code), str(path)) from e
+        raise
+
+
 def write_text(path: Path, text: str) -> None:
     path = Path(path)
     tmp = _tmp(path)
-    tmp.write_text(text)
+    with _landing(path, tmp):
+        tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -51,7 +67,8 @@ def save_safetensors(path: Path, arrays: dict, metadata: dict) -> str:
 
     path = Path(path)
     tmp = _tmp(path)
-    save_file(arrays, str(tmp), metadata=metadata)
+    with _landing(path, tmp):
+        save_file(arrays, str(tmp), metadata=metadata)
     digest = sha256_file(tmp)
     os.replace(tmp, path)
     return digest
@@ -60,7 +77,8 @@ def save_safetensors(path: Path, arrays: dict, metadata: dict) -> str:
 def save_png(path: Path, fig, dpi: int = 110) -> None:
     path = Path(path)
     tmp = _tmp(path, ".png")   # matplotlib picks the format from the suffix
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+    with _landing(path, tmp):
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
     os.replace(tmp, path)
 
 

@@ -5,6 +5,7 @@
     icl-scale suite --preset smoke --output.run_dir runs/smoke
     ACCELERATE_USE_CPU=true accelerate launch --config_file launcher/cpu_2proc.yaml -m icl_scale run ...
     icl-scale report runs/default
+    icl-scale launch --config_file launcher/cpu_2proc.yaml run ...   (accelerate launch, our exit codes)
 
 Every config field is an option (`icl-scale run --help`). Bad input: one line on stderr, exit 2.
 """
@@ -12,6 +13,7 @@ Every config field is an option (`icl-scale run --help`). Bad input: one line on
 from __future__ import annotations
 
 import argparse
+import errno
 import dataclasses
 import os
 import sys
@@ -47,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "sweep.k as a run, then one sweep report (figures against model size and k)")
     r = sub.add_parser("report", help="rebuild reports/<run>/ (report.md, metrics.csv, results.json, figures) "
                                       "from a run dir and print the summary")
+    sub.add_parser("launch", add_help=False,
+                   help="`accelerate launch -m icl_scale` with icl-scale's exit codes: icl-scale launch "
+                        "[accelerate launch options] run|suite|sweep [options] (2: bad input, 130: interrupted)")
     r.add_argument("run_dir")
     r.add_argument("--report-dir", default="reports", help="the report goes to <report-dir>/<run name>/")
     r.add_argument("--compare-reference", action="store_true",
@@ -66,6 +71,11 @@ def parse_config(argv: list[str], command: str = "suite") -> C.RunConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["launch"]:   # accelerate's own options follow: not parsed here
+        from icl_scale.runtime.launch import main as launch
+
+        return launch(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command in ("run", "suite", "sweep"):
@@ -118,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:   # every write is atomic: what finished is kept, the rerun resumes
         print("icl-scale: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        print(f"icl-scale: error: {e.strerror} writing {e.filename}; what finished is kept: make room and rerun "
+              f"the same command to resume", file=sys.stderr)
+        return 1
     return 0
 
 

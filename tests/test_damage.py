@@ -3,6 +3,8 @@ and a damaged shard repaired by the rerun to the same records."""
 
 import time
 
+import pytest
+
 from conftest import launch, run_cli
 from helpers import assert_same_records, run_records
 
@@ -73,3 +75,88 @@ def test_nonfinite_option_scores_are_never_an_accuracy(tmp_path, data_dir):
     report = (tmp_path / "reports/run/report.md").read_text()
     assert "| FT accuracy |" not in report and "| ICL accuracy |" in report
     assert "non-finite option scores" in report and "sst2 seed 1 `ft` 8 of 8" in report
+
+
+def _mount_tmpfs(where, size: str) -> str | None:
+    """A tmpfs of `size` at `where`, or why not (not root, no mount permission)."""
+    import subprocess
+
+    where.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True,
+                       text=True)
+    return None if r.returncode == 0 else (r.stderr.strip() or "mount failed")
+
+
+def test_disk_full_is_one_line_and_the_resume_finishes_identically(tmp_path, data_dir):
+    import subprocess
+
+    disk = tmp_path / "disk"
+    why = _mount_tmpfs(disk, "200k")
+    if why:
+        pytest.skip(f"cannot mount a small tmpfs here: {why}")
+    try:
+        r = run_cli(args(disk, data_dir))
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1, r.stderr[-3000:]
+        assert lines[-1].startswith("icl-scale: error: No space left on device writing ") and str(disk) in lines[-1]
+        assert "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert not [p for p in disk.rglob("*") if ".tmp" in p.name], "a half-written file"
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        r = run_cli(args(disk, data_dir))
+        assert r.returncode == 0, r.stderr[-3000:]
+        clean = tmp_path / "clean"
+        assert run_cli(args(clean, data_dir)).returncode == 0
+        assert_same_records(run_records(clean / "run"), run_records(disk / "run"))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])
+
+
+def icl_scale_launch(argv, nproc):
+    """`icl-scale launch` with nproc CPU processes, in its own session, output read by the caller."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, free_port
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", ACCELERATE_USE_CPU="true")
+    cmd = [sys.executable, "-m", "icl_scale", "launch", "--config_file", str(ROOT / "launcher" / "cpu_2proc.yaml"),
+           "--num_processes", str(nproc), "--main_process_port", str(free_port()), *argv]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def test_a_bad_option_under_the_launcher_exits_2_in_one_line(tmp_path, data_dir):
+    p = icl_scale_launch(args(tmp_path, data_dir, "--data.tasks", "imdb"), nproc=2)
+    out, _ = p.communicate(timeout=300)
+    lines = [x for x in out.strip().splitlines() if x]
+    assert p.returncode == 2, out[-3000:]
+    assert set(lines) == {"icl-scale: error: config field data.tasks: 'imdb' is not one of sst2, sst5, mr, subj, "
+                          "agnews, cb"}, out[-3000:]
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_launcher_stops_every_rank_and_the_rerun_resumes(tmp_path, data_dir, sig):
+    import os
+    import signal
+
+    import psutil
+
+    longer = ["--data.eval_max", "24"]
+    p = icl_scale_launch(args(tmp_path, data_dir, *longer), nproc=2)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((tmp_path / "run").glob("shards/*/*/seed1/r*.safetensors")):
+        time.sleep(0.1)
+    ranks = [c.pid for c in psutil.Process(p.pid).children(recursive=True)]
+    assert p.poll() is None and ranks, "the launch ended before the signal: nothing was tested"
+    os.kill(p.pid, getattr(signal, sig))
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 128 + getattr(signal, sig), out[-3000:]
+    assert out.strip().splitlines()[-1] == f"icl-scale: stopped by {sig}; rerun the same command to resume", out[-3000:]
+    time.sleep(1)
+    assert not [r for r in ranks if psutil.pid_exists(r) and psutil.Process(r).status() != psutil.STATUS_ZOMBIE]
+    r = run_cli(args(tmp_path, data_dir, *longer))
+    assert r.returncode == 0, r.stderr[-3000:]
+    clean = tmp_path / "clean"
+    assert run_cli(args(clean, data_dir, *longer)).returncode == 0
+    assert_same_records(run_records(clean / "run"), run_records(tmp_path / "run"))
