@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
 
             check_writable(cfg.output.run_dir, "output.run_dir")   # before any work, not after it
             check_writable(cfg.output.report_dir, "output.report_dir")
+            from icl_scale.runtime.tracking import check_installed
+
+            check_installed(cfg.output.trackers)
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             if args.command == "run":
                 from icl_scale.run import run

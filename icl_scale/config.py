@@ -135,6 +135,10 @@ class OutputConfig:
                              choices=("float32", "float16"))
     save_ft_weights: bool = knob(False, "save the trained parameters after each finetuning job (δ for linearized "
                                  "FT) to ft/<task>/<setting>/seed<s>.safetensors", result=False)
+    trackers: tuple[str, ...] = knob((), "experiment trackers fed through accelerate's tracking API: tensorboard "
+                                     "(<run_dir>/trackers/rank<r>/), wandb (where installed); FT loss and per-layer "
+                                     "gradient norms per step, per-job accuracy and similarity figures, the config",
+                                     result=False, choices=("tensorboard", "wandb"))
 
 
 @dataclass(frozen=True)

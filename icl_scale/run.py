@@ -41,6 +41,7 @@ from icl_scale.plan import Job, plan, schedule
 from icl_scale.runtime import dist, rundir
 from icl_scale.runtime.engine import Process, loading, prepare_process
 from icl_scale.runtime.progress import Clock, Progress
+from icl_scale.runtime.tracking import Trackers
 from icl_scale.settings import SETTINGS
 
 log = logging.getLogger("icl_scale")
@@ -113,6 +114,8 @@ def finetune_job(cfg, model, trained, job: Job, setting: str, run_dir: Path, h: 
         weights = deltas if spec.linearized else backend.full(trained)
     if state.is_main_process or owner is not None:
         rundir.write_ft_log(run_dir, job.task, setting, job.key, ft_log, h)
+        if progress.trackers is not None:
+            progress.trackers.ft_job(job.task, setting, job.key, ft_log)
         if weights is not None:
             rundir.write_ft_weights(run_dir, job.task, setting, job.key, trained, weights, h)
     return finetuned_scorer(model, trained, deltas, setting, job.prompts[setting].prefix_ids)
@@ -234,7 +237,9 @@ def run(cfg: C.RunConfig, proc: Process | None = None) -> dict | None:
     searching = cfg.finetune.lr_search and finetunes
     if searching:
         total += lr_search.work(cfg, jobs, state.num_processes if backend.collective else 1)
-    with Progress(state, run_dir, clock, total=total, jobs=len(work)) as progress:
+    trackers = (Trackers(cfg.output.trackers, run_dir, state.process_index, state.is_main_process, run_dir.name,
+                         C.to_dict(cfg)) if cfg.output.trackers else None)
+    with Progress(state, run_dir, clock, total=total, jobs=len(work), trackers=trackers) as progress:
         log.info("rank %d/%d, model %s, %d jobs", state.process_index, state.num_processes, cfg.model.name, len(jobs))
         if searching:
             lr_search.search(cfg, model, trained, jobs, run_dir, h, state, progress, backend, network, sizer)
@@ -262,6 +267,10 @@ def run(cfg: C.RunConfig, proc: Process | None = None) -> dict | None:
 
         rundir.write_invocation(run_dir, clock, state, launch, finished=True, peak_gpu_mib=dist.peak_gpu_mib(state))
         results = write_report(run_dir, Path(cfg.output.report_dir), console=progress.console)
+        if trackers is not None:
+            trackers.results(results)
+    if trackers is not None:
+        trackers.finish()
         log.info("done in %.1fs", time.time() - clock.started)
     lock.release()
     if owns_process:

@@ -41,9 +41,11 @@ class Progress:
     and the bar of its current job. Every rank writes its counts to <run>/progress/r<rank>.json,
     which the main process sums (at most once a second)."""
 
-    def __init__(self, state, run_dir: Path, clock: Clock | None = None, total: int = 0, jobs: int = 0):
+    def __init__(self, state, run_dir: Path, clock: Clock | None = None, total: int = 0, jobs: int = 0,
+                 trackers=None):
         self.main, self.rank, self.world = state.is_main_process, state.process_index, state.num_processes
         self.clock = clock or Clock()
+        self.trackers = trackers   # runtime/tracking.py: None unless output.trackers
         self.console = console()
         self.dir = Path(run_dir) / "progress"
         self.dir.mkdir(parents=True, exist_ok=True)
