@@ -162,6 +162,8 @@ class SweepConfig:
 class ReportConfig:
     exclude_diverged: bool = knob(False, "leave FT runs flagged diverged (last loss above the first, or non-finite) "
                                   "out of every mean and average; they stay flagged in the tables", result=False)
+    example_rows: int = knob(50, "rows of each task's page of the per-example view (examples/<task>.md); "
+                             "examples.csv holds every example", result=False)
 
 
 @dataclass(frozen=True)
@@ -312,6 +314,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError("config field eval.methods: no method given")
     if cfg.data.orders < 1:
         raise UserError(f"config field data.orders: {cfg.data.orders} must be >= 1")
+    if cfg.report.example_rows < 0:
+        raise UserError(f"config field report.example_rows: {cfg.report.example_rows} must be >= 0")
     if any(k < 1 for k in cfg.sweep.k) or len(set(cfg.sweep.k)) != len(cfg.sweep.k):
         raise UserError(f"config field sweep.k: {cfg.sweep.k} must be distinct values >= 1")
     engines = {m.partition("=")[2] or cfg.finetune.deepspeed for m in cfg.sweep.models} - {""}

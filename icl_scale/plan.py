@@ -51,6 +51,9 @@ class Job:
         return [[self.enc.bos] + self.enc.demo_ids(r) for r in self.ft_rows]
 
 
+TEXT_CHARS = 300   # of each eval example's text kept in the job meta, for the per-example view
+
+
 def plan(cfg: C.RunConfig, tok, model_max: int) -> list[Job]:
     """Load every task's data and build every prompt; any bad input fails here, before writing."""
     max_len = min(cfg.model.max_length, model_max)
@@ -78,6 +81,7 @@ def plan(cfg: C.RunConfig, tok, model_max: int) -> list[Job]:
                                         f"finetune.demos icl: only the demonstrations that fit the ICL prompt)")
             lr = C.lr_for(cfg, task, spec.ft_lr)
             meta = {"task": task, "seed": seed, "source": src.description, "eval_ids": [r["id"] for r in split.eval],
+                    "eval_texts": [" / ".join(r[f] for f in spec.fields)[:TEXT_CHARS] for r in split.eval],
                     "eval_size_full": len(split.eval_full), "eval_from_train": split.eval_from_train,
                     "k_requested": icl.k_requested, "k_effective": icl.k_effective, "demo_ids": list(icl.demo_ids),
                     "prefix_tokens": len(icl.prefix_ids), "max_length": max_len,

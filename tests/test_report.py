@@ -328,3 +328,55 @@ def test_compare_reference_is_like_for_like_where_it_can_be(run, tmp_path):
     ours_sst2 = lin[2].split(" ")[0]   # cb, sst2: the paper has linearized FT on sst2 only of these
     assert lin[3].endswith(f"(sst2: {ours_sst2} vs 0.1220)")
     assert any("not the paper's: no figure is like for like" in line for line in lines)
+
+
+def test_per_example_view_from_the_records(recomputed):
+    """examples.csv against the shards: every example's predictions and option probabilities, the
+    change from ZSL it falls in (written out here), its SimAOU layer mean; the task pages."""
+    run = recomputed
+    results = json.loads((run / "reports/run/results.json").read_text())
+    records = run_records(run / "run")
+    with open(run / "reports/run/examples.csv") as f:
+        rows = {(r["task"], int(r["seed"]), int(r["id"])): r for r in csv.DictReader(f)}
+    ft = ft_settings(results)
+    n = 0
+    for task in TASKS:
+        for seed in (1, 2):
+            words = results["tasks"][task]["seeds"][str(seed)]["meta"]["label_words"]
+            rec = {s: records[task, s, seed] for s in ("zsl", "icl", *ft)}
+            gold, zsl, icl = rec["zsl"]["gold"], rec["zsl"]["pred"], rec["icl"]["pred"]
+            z, i = (_unit(rec[s]["attn_out"].astype(np.float64)) for s in ("zsl", "icl"))
+            for k, ex_id in enumerate(rec["zsl"]["ids"]):
+                row = rows[task, seed, int(ex_id)]
+                n += 1
+                assert row["gold"] == words[gold[k]]
+                for s, r in rec.items():
+                    assert row[f"pred_{s}"] == words[r["pred"][k]]
+                    e = np.exp(r["option_scores"][k].astype(np.float64) - r["option_scores"][k].max())
+                    got = [float(x) for x in row[f"probs_{s}"].split(";")]
+                    assert got == pytest.approx(e / e.sum(), abs=6e-5)
+                for f in ft:
+                    fp = rec[f]["pred"][k]
+                    d_icl, d_ft = icl[k] != zsl[k], fp != zsl[k]
+                    ok = {"icl": icl[k] == gold[k], "ft": fp == gold[k]}
+                    if not (d_icl or d_ft):
+                        want = "unchanged"
+                    elif d_icl and d_ft:
+                        want = ("both_correct" if ok["icl"] and ok["ft"] else
+                                "both_incorrect" if not (ok["icl"] or ok["ft"]) else "both_mixed")
+                    else:
+                        who = "icl" if d_icl else "ft"
+                        want = f"{who}_only_{'correct' if ok[who] else 'incorrect'}"
+                    assert row[f"change_{f}"] == want, (task, seed, ex_id, f)
+                    u, v = i[k] - z[k], _unit(rec[f]["attn_out"][k].astype(np.float64)) - z[k]
+                    with np.errstate(all="ignore"):
+                        cos = (u * v).sum(-1) / (np.linalg.norm(u, axis=-1) * np.linalg.norm(v, axis=-1))
+                    if np.isnan(cos).all():
+                        assert row[f"simaou_{f}"] == ""
+                    else:
+                        assert float(row[f"simaou_{f}"]) == pytest.approx(float(np.nanmean(cos)), rel=1e-5, abs=1e-7)
+    assert n == len(rows)
+    for task in TASKS:
+        page = (run / f"reports/run/examples/{task}.md").read_text()
+        first = [r for r in rows.values() if r["task"] == task and r["seed"] == "1"]
+        assert all(f"| {r['id']} |" in page for r in first)

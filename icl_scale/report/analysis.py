@@ -113,6 +113,8 @@ def analyze_job(run_dir: Path, cfg, task: str, seed: int, meta: dict, recs: dict
     demonstration order). A record the config says the run wrote and that is not there is an
     error naming the file."""
     key = str(seed) if key is None else key
+    texts = dict(zip(meta["eval_ids"], meta.get("eval_texts", ())))   # for the per-example view only
+    meta = {k: v for k, v in meta.items() if k != "eval_texts"}
     methods = list(recs)
     if not methods:
         return {"n": len(meta["eval_ids"]), "acc": {}, "meta": meta, "ft_logs": {}}, {}
@@ -133,6 +135,8 @@ def analyze_job(run_dir: Path, cfg, task: str, seed: int, meta: dict, recs: dict
                  "brier": {s: M.brier(p, gold) for s, p in probs.items()}}
     examples: dict = {"gold": gold} | {("pred", s): p for s, p in pred.items()} | {("probs", s): p
                                                                                     for s, p in probs.items()}
+    examples["ids"] = small[methods[0]]["ids"]
+    examples["texts"] = [texts.get(int(i), "") for i in examples["ids"]]
     content_free = {s: c["mean"] for s in methods if (c := rundir.read_calibration(
         run_dir, task, s, key, meta["config_hash"], required=cfg.eval.calibration != "none")) is not None}
     if content_free:
@@ -254,9 +258,10 @@ def order_spread(run_dir: Path, cfg, task: str, h: str, per_seed: dict, summary:
     return out
 
 
-def analyze(run_dir: Path, exclude_diverged: bool | None = None) -> dict:
+def analyze(run_dir: Path, exclude_diverged: bool | None = None, per_example: dict | None = None) -> dict:
     """All results of a run (JSON-ready). Diverged FT runs are flagged; with `exclude_diverged`
-    (default: the run's report.exclude_diverged) no mean uses them."""
+    (default: the run's report.exclude_diverged) no mean uses them. `per_example`: filled with
+    each (task, seed)'s per-example arrays (report/examples.py)."""
     run_dir = Path(run_dir)
     cfg, h = rundir.read_config(run_dir)
     if exclude_diverged is None:
@@ -276,6 +281,8 @@ def analyze(run_dir: Path, exclude_diverged: bool | None = None) -> dict:
             recs[seed] = {m: JobRecords(rundir.job_dir(run_dir, task, m, seed), h, meta["eval_ids"])
                           for m in methods if m not in bad}
             per_seed[seed], examples[seed] = analyze_job(run_dir, cfg, task, seed, meta, recs[seed])
+            if per_example is not None:
+                per_example[task, seed] = examples[seed]
             for r in recs[seed].values():
                 r.release()
         names = sorted({n for r in per_seed.values() for n in r.get("layers", {})}, key=str)

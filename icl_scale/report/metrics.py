@@ -91,15 +91,20 @@ CHANGES = ("icl_only_correct", "icl_only_incorrect", "ft_only_correct", "ft_only
            "both_correct", "both_incorrect", "both_mixed")
 
 
-def change_counts(zsl: np.ndarray, icl: np.ndarray, ft: np.ndarray, gold: np.ndarray) -> dict[str, int]:
-    """Predictions changed from ZSL by ICL only, FT only, or both, and whether the new predictions
-    are correct (both: both correct, both wrong, or one of each)."""
+def change_masks(zsl: np.ndarray, icl: np.ndarray, ft: np.ndarray, gold: np.ndarray) -> dict[str, np.ndarray]:
+    """Per example: changed from ZSL by ICL only, FT only, or both, and whether the new predictions
+    are correct (both: both correct, both wrong, or one of each); disjoint, one per CHANGES name."""
     d_icl, d_ft = icl != zsl, ft != zsl
     ok_icl, ok_ft = icl == gold, ft == gold
-    masks = {"icl_only_correct": d_icl & ~d_ft & ok_icl, "icl_only_incorrect": d_icl & ~d_ft & ~ok_icl,
-             "ft_only_correct": d_ft & ~d_icl & ok_ft, "ft_only_incorrect": d_ft & ~d_icl & ~ok_ft,
-             "both_correct": d_icl & d_ft & ok_icl & ok_ft, "both_incorrect": d_icl & d_ft & ~ok_icl & ~ok_ft,
-             "both_mixed": d_icl & d_ft & (ok_icl != ok_ft)}
+    return {"icl_only_correct": d_icl & ~d_ft & ok_icl, "icl_only_incorrect": d_icl & ~d_ft & ~ok_icl,
+            "ft_only_correct": d_ft & ~d_icl & ok_ft, "ft_only_incorrect": d_ft & ~d_icl & ~ok_ft,
+            "both_correct": d_icl & d_ft & ok_icl & ok_ft, "both_incorrect": d_icl & d_ft & ~ok_icl & ~ok_ft,
+            "both_mixed": d_icl & d_ft & (ok_icl != ok_ft)}
+
+
+def change_counts(zsl: np.ndarray, icl: np.ndarray, ft: np.ndarray, gold: np.ndarray) -> dict[str, int]:
+    """How many examples fall in each of `change_masks`."""
+    masks = change_masks(zsl, icl, ft, gold)
     return {k: int(masks[k].sum()) for k in CHANGES}
 
 

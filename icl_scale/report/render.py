@@ -4,6 +4,7 @@
     <report_dir>/<run>/metrics.csv      every figure: task, seed (or "all"), metric, layer, value, spread
     <report_dir>/<run>/results.json     the whole analysis (per seed, per layer, FT logs, summaries)
     <report_dir>/<run>/*.png            gradient-norm heatmaps and per-layer curves, linked from report.md
+    <report_dir>/<run>/examples.csv     the per-example view (report/examples.py), examples/<task>.md
 
 The directory is built under a temporary name and swapped in whole: a failed report leaves the
 previous one as it was. The console gets the same tables (rich).
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from icl_scale import atomic
 from icl_scale import config as C
+from icl_scale.report import examples
 from icl_scale.report.analysis import analyze
 from icl_scale.report.plots import figures
 from icl_scale.report.provenance import provenance
@@ -66,7 +68,9 @@ def markdown(results: dict, tables: list[Table], figs: list[tuple[str, str]], pr
             out += md_table(lt, "###")
     out += ["## Provenance", "", *lines, ""]
     out += md_table(data, "###") + md_table(launches, "###")
-    out += ["Also here: `metrics.csv` (every figure, per seed and layer) and `results.json` (the whole analysis).", ""]
+    out += ["Also here: `metrics.csv` (every figure, per seed and layer), `results.json` (the whole analysis) and "
+            "the per-example view: `examples.csv` (every example's predictions, option probabilities, change "
+            "from ZSL and SimAOU per setting) with a page per task in `examples/`.", ""]
     return "\n".join(out)
 
 
@@ -117,10 +121,12 @@ def write_report(run_dir: Path, report_dir: Path, console=None, compare: bool = 
     """Build the report of run_dir under report_dir/<run name>/ (swapped in whole: a failed report
     leaves the previous one as it was), print its summary; return the analysis results."""
     run_dir = Path(run_dir)
-    results = analyze(run_dir, exclude_diverged)
+    per_example: dict = {}
+    results = analyze(run_dir, exclude_diverged, per_example)
     tables = paper_tables(results, compare)
     final = Path(report_dir) / run_dir.name
     with atomic.directory(final) as tmp:
+        examples.write(results, per_example, tmp, results["config"].report.example_rows)
         figs = figures(results, tmp)
         atomic.write_text(tmp / "report.md", markdown(results, tables, figs, provenance(run_dir, results)))
         atomic.write_text(tmp / "metrics.csv", metrics_csv(results))
