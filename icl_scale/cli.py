@@ -5,6 +5,7 @@
     icl-scale suite --preset smoke --output.run_dir runs/smoke
     ACCELERATE_USE_CPU=true accelerate launch --config_file launcher/cpu_2proc.yaml -m icl_scale run ...
     icl-scale report runs/default
+    icl-scale export runs/default --to exports/default      (records as a Hugging Face dataset)
     icl-scale launch --config_file launcher/cpu_2proc.yaml run ...   (accelerate launch, our exit codes)
 
 Every config field is an option (`icl-scale run --help`). Bad input: one line on stderr, exit 2.
@@ -49,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
                                  "sweep.k as a run, then one sweep report (figures against model size and k)")
     r = sub.add_parser("report", help="rebuild reports/<run>/ (report.md, metrics.csv, results.json, figures) "
                                       "from a run dir and print the summary")
+    e = sub.add_parser("export", help="a run's merged records (ids, predictions, option scores, attention outputs "
+                                      "and maps) as a Hugging Face datasets DatasetDict, one split per task × "
+                                      "setting × seed, loadable with datasets.load_from_disk")
+    e.add_argument("run_dir")
+    e.add_argument("--to", required=True, help="the dataset directory to write (replaced whole)")
     sub.add_parser("launch", add_help=False,
                    help="`accelerate launch -m icl_scale` with icl-scale's exit codes: icl-scale launch "
                         "[accelerate launch options] run|suite|sweep [options] (2: bad input, 130: interrupted)")
@@ -104,6 +110,13 @@ def main(argv: list[str] | None = None) -> int:
                 from icl_scale.suite import suite
 
                 suite(cfg)
+        elif args.command == "export":
+            from icl_scale.export import export
+            from icl_scale.runtime.rundir import check_writable
+
+            check_writable(args.to, "--to")
+            splits = export(args.run_dir, args.to)
+            print(f"exported {len(splits)} splits to {args.to}", file=sys.stderr)
         elif args.command == "report":
             from pathlib import Path
 

@@ -380,3 +380,27 @@ def test_per_example_view_from_the_records(recomputed):
         page = (run / f"reports/run/examples/{task}.md").read_text()
         first = [r for r in rows.values() if r["task"] == task and r["seed"] == "1"]
         assert all(f"| {r['id']} |" in page for r in first)
+
+
+def test_export_loads_with_datasets_and_equals_the_shards(run, tmp_path):
+    import datasets
+
+    r = run_cli(["export", str(run / "run"), "--to", str(tmp_path / "ds")])
+    assert r.returncode == 0 and r.stderr.strip().splitlines()[-1].startswith("exported 20 splits"), r.stderr[-2000:]
+    ds = datasets.load_from_disk(str(tmp_path / "ds"))
+    results = json.loads((run / "reports/run/results.json").read_text())
+    methods = results["config"]["eval"]["methods"]
+    assert sorted(ds) == sorted(f"{t}.{s}.seed{k}" for t in TASKS for s in methods for k in (1, 2))
+    records = run_records(run / "run")
+    for (task, setting, seed), rec in records.items():
+        d = ds[f"{task}.{setting}.seed{seed}"].with_format("numpy")
+        np.testing.assert_array_equal(d["id"], rec["ids"])
+        np.testing.assert_array_equal(d["pred"], rec["pred"])
+        np.testing.assert_array_equal(d["gold"], rec["gold"])
+        np.testing.assert_array_equal(np.stack(d["option_scores"]), rec["option_scores"])
+        np.testing.assert_array_equal(d["attn_out"], rec["attn_out"].astype(np.float32))
+        for k, maps in enumerate(rec["scores"]):
+            np.testing.assert_array_equal(np.array(ds[f"{task}.{setting}.seed{seed}"][k]["scores"], dtype=np.float32),
+                                          maps.astype(np.float32))
+    one = datasets.load_from_disk(str(tmp_path / "ds" / "cb.icl.seed2"))   # a split alone is a Dataset
+    assert one["id"] == sorted(one["id"]) and all(isinstance(t, str) and t for t in one["text"])
