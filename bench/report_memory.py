@@ -29,17 +29,20 @@ TASKS = ("sst2", "sst5", "mr", "subj", "agnews", "cb")
 SETTINGS = ("zsl", "icl", "ft", "ft_lc", "ft_lin")
 
 
-def synth_run(run_dir: Path, n: int, layers: int, d: int, heads: int) -> int:
-    cfg = C.build({"data": {"tasks": list(TASKS), "seeds": [1]}, "eval": {"methods": list(SETTINGS)},
+def synth_run(run_dir: Path, n: int, layers: int, d: int, heads: int, tasks=TASKS) -> int:
+    """A run dir as the runner writes it (config, job metas, shards, FT logs); returns the shards' bytes."""
+    cfg = C.build({"data": {"tasks": list(tasks), "seeds": [1]}, "eval": {"methods": list(SETTINGS)},
                    "output": {"run_dir": str(run_dir)}})
     rundir.check_or_save_config(cfg, run_dir)
     h = C.config_hash(cfg)
     rng = np.random.default_rng(0)
     nbytes = 0
-    for t, task in enumerate(TASKS):
+    for t, task in enumerate(tasks):
         rundir.write_job_meta(run_dir, task, 1, {
             "task": task, "seed": 1, "source": "synthetic", "eval_ids": list(range(n)), "eval_size_full": n,
             "eval_from_train": False, "k_requested": 32, "k_effective": 32, "prefix_tokens": 1500,
+            "demo_ids": list(range(n, n + 32)), "ft_demo_ids": list(range(n, n + 32)), "options": [[1], [2]],
+            "label_words": ["negative", "positive"], "eval_texts": [f"example {i}" for i in range(n)],
             "corrupted_demo_ids": [], "config_hash": h})
         n_keys = rng.integers(20, 61, n)
         for s in SETTINGS:
@@ -56,7 +59,8 @@ def synth_run(run_dir: Path, n: int, layers: int, d: int, heads: int) -> int:
                 log.parent.mkdir(parents=True, exist_ok=True)
                 log.write_text(json.dumps({"method": s, "lr": 1e-3, "clip": "none", "clip_value": 1.0, "steps": 32,
                                            "skipped": 0, "losses": rng.random(32).tolist(),
-                                           "grad_norms": rng.random((32, layers)).tolist()}))
+                                           "grad_norms": rng.random((32, layers)).tolist(),
+                                           "clipped": [[] for _ in range(32)], "config_hash": h}))
     return nbytes
 
 

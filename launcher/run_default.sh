@@ -3,7 +3,8 @@
 #   bash launcher/run_default.sh [--data.eval_max 50 ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/accelerate ] && PATH="$PWD/.venv/bin:$PATH"
+[ -x .venv/bin/icl-scale ] && PATH="$PWD/.venv/bin:$PATH"
 export OMP_NUM_THREADS=1 ACCELERATE_USE_CPU=true TOKENIZERS_PARALLELISM=false
-# --multi_gpu semantics with use_cpu: the only way to really get 2 CPU processes (--cpu starts one)
-exec accelerate launch --config_file launcher/cpu_2proc.yaml -m icl_scale run --config launcher/default.yaml "$@"
+# `accelerate launch` with icl-scale's exit codes (2: bad input); --multi_gpu semantics with
+# use_cpu: the only way to really get 2 CPU processes (--cpu starts one)
+exec icl-scale launch --config_file launcher/cpu_2proc.yaml run --config launcher/default.yaml "$@"
