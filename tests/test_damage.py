@@ -160,3 +160,19 @@ def test_a_signal_to_the_launcher_stops_every_rank_and_the_rerun_resumes(tmp_pat
     clean = tmp_path / "clean"
     assert run_cli(args(clean, data_dir, *longer)).returncode == 0
     assert_same_records(run_records(clean / "run"), run_records(tmp_path / "run"))
+
+
+TIED_FT = NAN_FT.replace('* float("nan")', "* 0.0")   # constant logits: every option of equal length ties
+
+
+def test_a_collapsed_model_whose_options_all_tie_gets_no_accuracy(tmp_path, data_dir):
+    import json
+
+    r = run_cli(args(tmp_path, data_dir, "--data.tasks", "sst2"), prelude=TIED_FT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = json.loads((tmp_path / "run/jobs/sst2/seed1.json").read_text())
+    assert len({len(o) for o in meta["options"]}) == 1, "options of different lengths cannot tie"
+    results = json.loads((tmp_path / "reports/run/results.json").read_text())
+    seed = results["tasks"]["sst2"]["seeds"]["1"]
+    assert "ft" not in seed["acc"] and seed["tied"]["ft"] == [8, 8] and "icl" in seed["acc"]
+    assert "sst2 seed 1 `ft` 8 of 8" in (tmp_path / "reports/run/report.md").read_text()

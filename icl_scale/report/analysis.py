@@ -123,14 +123,18 @@ def analyze_job(run_dir: Path, cfg, task: str, seed: int, meta: dict, recs: dict
     # a setting with non-finite option scores (a diverged model) has no prediction to count
     nonfinite = {s: [int((~np.isfinite(small[s]["option_scores"]).all(1)).sum()), len(gold)] for s in methods}
     nonfinite = {s: kn for s, kn in nonfinite.items() if kn[0]}
-    methods = [s for s in methods if s not in nonfinite]
+    # every option scored the same: argmax picks option 0, no prediction; on every example, a collapsed model
+    tied = {s: [int((np.ptp(small[s]["option_scores"], axis=1) == 0).sum()), len(gold)] for s in methods
+            if s not in nonfinite}
+    tied = {s: kn for s, kn in tied.items() if kn[0]}
+    methods = [s for s in methods if s not in nonfinite and tied.get(s, [0])[0] < len(gold)]
     if not methods:
-        return {"n": len(gold), "acc": {}, "meta": meta, "ft_logs": {}, "nonfinite": nonfinite}, {}
+        return {"n": len(gold), "acc": {}, "meta": meta, "ft_logs": {}, "nonfinite": nonfinite, "tied": tied}, {}
     pred = {s: small[s]["pred"] for s in methods}
     probs = {s: M.option_probs(small[s]["option_scores"]) for s in methods}
     ft = ft_settings(methods)
     res: dict = {"n": len(gold), "acc": {s: M.accuracy(p, gold) for s, p in pred.items()}, "meta": meta,
-                 "nonfinite": nonfinite,
+                 "nonfinite": nonfinite, "tied": tied,
                  "ece": {s: M.ece(p, gold) for s, p in probs.items()},
                  "brier": {s: M.brier(p, gold) for s, p in probs.items()}}
     examples: dict = {"gold": gold} | {("pred", s): p for s, p in pred.items()} | {("probs", s): p

@@ -62,6 +62,8 @@ def provenance(run_dir: Path, results: dict) -> tuple[list[str], Table, Table]:
         + undefined_summary(results, field="heads_left_out"),
         "- Settings with non-finite option scores (a diverged model: none of its figures is given), examples "
         "affected: " + undefined_summary(results, field="nonfinite"),
+        "- Examples whose options all scored exactly the same (the first option is taken; a setting tied on every "
+        "example, a collapsed model, gets no figure): " + undefined_summary(results, field="tied"),
     ]
     rows = []
     for task, t in results["tasks"].items():
