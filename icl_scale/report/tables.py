@@ -345,7 +345,9 @@ def finetune_table(results: dict) -> Table | None:
                 rates = clip_rates(log)
                 bound = "–" if rates is None else f"{rates[0]:.0%} / {rates[1]:.0%}"
                 rows.append([task, seed, SETTINGS[f].label, f"{log['lr']:g}", clip, bound, str(log["steps"]),
-                             str(log["skipped"]), fmt(losses[0]) if losses else "–", fmt(losses[-1]) if losses else "–",
+                             str(log["skipped"]), fmt(losses[0]) if losses else "–",
+                             (fmt(losses[-1]) + (" (then non-finite)" if _nan(log["losses"][-1]) else "")) if losses
+                             else "non-finite" if log["losses"] else "–",
                              "**diverged**" if M.diverged(log) else "no"])
     if not rows:
         return None
