@@ -11,7 +11,6 @@ and prints its peak RSS, the records' size on disk and their ratio."""
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -64,12 +63,51 @@ def synth_run(run_dir: Path, n: int, layers: int, d: int, heads: int, tasks=TASK
     return nbytes
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def cli_peak_rss(argv: list[str]) -> tuple[int, int, float]:
+    """(peak RSS, peak anonymous RSS — RSS less the file pages mapped, which the kernel can drop —
+    in bytes, wall seconds) of `icl-scale <argv>` in a subprocess of one thread; the anonymous
+    peak is polled every 20 ms from /proc."""
+    code = ("import resource, sys; from icl_scale.cli import main; rc = main(sys.argv[1:]); "
+            "print('PEAK_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+    t = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "-c", code, *argv], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    anon = 0
+    while p.poll() is None:
+        try:
+            anon = max([anon] + [int(x.split()[1]) * 1024 for x in open(f"/proc/{p.pid}/status")
+                                 if x.startswith("RssAnon:")])
+        except OSError:
+            pass
+        time.sleep(0.02)
+    out, err = p.communicate()
+    wall = time.perf_counter() - t
+    if p.returncode != 0:
+        sys.exit(err)
+    peak = [int(line.split()[1]) for line in out.splitlines() if line.startswith("PEAK_KIB")][0] * 1024
+    return peak, anon, wall
+
+
+def imports_rss(modules: str) -> int:
+    """Peak RSS in bytes of a process that only imports `modules` (comma-separated)."""
+    base = subprocess.run([sys.executable, "-c", f"import resource, {modules}; "
+                           "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
+    return int(base.stdout.strip()) * 1024
+
+
+def synth_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of the synthetic run's shape."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--examples", type=int, default=2000)
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--d", type=int, default=576)
     ap.add_argument("--heads", type=int, default=9)
+    return ap
+
+
+def main():
+    ap = synth_parser(__doc__)
     ap.add_argument("--keep", default="", help="write the synthetic run here and keep it")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,22 +117,10 @@ def main():
         nbytes = synth_run(run_dir, args.examples, args.layers, args.d, args.heads)
         print(f"synthetic run: {len(TASKS)} tasks × {len(SETTINGS)} settings × {args.examples} examples, "
               f"{args.layers} layers, {nbytes / 2**30:.2f} GiB of shards ({time.perf_counter() - t:.0f} s to write)")
-        code = ("import resource, sys; from icl_scale.cli import main; rc = main(sys.argv[1:]); "
-                "print('PEAK_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        t = time.perf_counter()
-        out = subprocess.run([sys.executable, "-c", code, "report", str(run_dir), "--report-dir", str(root / "reports")],
-                             env=env, capture_output=True, text=True)
-        wall = time.perf_counter() - t
-        if out.returncode != 0:
-            sys.exit(out.stderr)
-        peak = [int(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("PEAK_KIB")][0] * 1024
-        base = subprocess.run([sys.executable, "-c", "import resource, icl_scale.report.render, matplotlib.pyplot; "
-                               "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
-                              env=env, capture_output=True, text=True)
-        imports = int(base.stdout.strip()) * 1024
-        print(f"report: {wall:.0f} s, peak RSS {peak / 2**20:.0f} MiB (imports alone {imports / 2**20:.0f} MiB; "
-              f"target < 2048 MiB)")
+        peak, anon, wall = cli_peak_rss(["report", str(run_dir), "--report-dir", str(root / "reports")])
+        imports = imports_rss("icl_scale.report.render, matplotlib.pyplot")
+        print(f"report: {wall:.0f} s, peak RSS {peak / 2**20:.0f} MiB, anonymous {anon / 2**20:.0f} MiB (imports "
+              f"alone {imports / 2**20:.0f} MiB; target < 2048 MiB)")
         print(f"peak RSS / shard bytes = {peak / nbytes:.3f}x")
 
 
