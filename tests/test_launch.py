@@ -85,9 +85,11 @@ def test_report_is_a_function_of_the_run_dir(one_proc, tmp_path):
     r = run_cli(["report", str(one_proc), "--report-dir", str(tmp_path)])
     assert r.returncode == 0, r.stderr
     made, first = tmp_path / "run", one_proc.parent / "reports" / "run"
-    names = sorted(p.name for p in made.iterdir())
-    assert names == sorted(p.name for p in first.iterdir())
-    assert {"report.md", "metrics.csv", "results.json", "sst2_grad_norms.png", "cb_layers.png"} <= set(names)
+    files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())   # noqa: E731
+    names = files(made)
+    assert names == files(first)
+    assert {"report.md", "metrics.csv", "results.json", "sst2_grad_norms.png", "cb_layers.png", "examples.csv",
+            "examples/cb.md"} <= set(names)
     for name in names:
         assert (made / name).read_bytes() == (first / name).read_bytes(), name
     text = (made / "report.md").read_text()

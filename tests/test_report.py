@@ -158,13 +158,14 @@ def test_damaged_shards_fail_the_merge_naming_the_file(run, tmp_path, data_dir, 
     shutil.copytree(run / "run", run_dir)
     reports = tmp_path / "reports"
     shutil.copytree(run / "reports", reports)
-    before = {p.name: p.read_bytes() for p in (reports / "run").iterdir()}
+    tree = lambda d: {str(p.relative_to(d)): p.read_bytes() for p in d.rglob("*") if p.is_file()}   # noqa: E731
+    before = tree(reports / "run")
     path, message = _damage(run_dir / "shards/sst2/ft/seed2", how, run / "other/run/shards/sst2/ft/seed2")
     r = run_cli(["report", str(run_dir), "--report-dir", str(reports)])
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert str(path) in lines[0] and message in lines[0], lines[0]
-    assert {p.name: p.read_bytes() for p in (reports / "run").iterdir()} == before   # the old report stands
+    assert tree(reports / "run") == before   # the old report stands
     assert sorted(p.name for p in reports.iterdir()) == ["run"]                      # no temporary left
 
 

@@ -36,10 +36,11 @@ def read_ds_config(path: str) -> dict:
     unknown = sorted(set(cfg) - DS_KEYS)
     if unknown:
         raise UserError(f"DeepSpeed config {path}: unknown key {unknown[0]!r}")
-    _validate_sections(cfg, path)
-    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    zero = cfg.get("zero_optimization", {})
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
     if stage not in (0, 1, 2, 3):
         raise UserError(f"DeepSpeed config {path}: zero_optimization.stage {stage!r} is not one of 0, 1, 2, 3")
+    _validate_sections(cfg, path)
     return cfg
 
 
