@@ -224,3 +224,23 @@ def test_foreign_manifests_without_a_sound_config_are_refused(baseline, tmp_path
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "holds shards of another config" in lines[0], r.stderr[-2000:]
     assert "manifest-r0.json" in lines[0]
+
+
+def test_a_killed_writers_temporary_files_are_removed(baseline, tmp_path, data_dir):
+    import subprocess
+    import sys
+
+    run = copy_run(baseline, tmp_path, failure=False)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()   # a pid no process holds now
+    stale = [run / f"progress/.r0.json.tmp{dead}", run / f"jobs/sst2/.seed1.json.tmp{dead}",
+             run / f"shards/sst2/icl/seed1/.r0-00007.safetensors.tmp{dead}"]
+    for p in stale:
+        p.write_bytes(b"half")
+    report_tmp = tmp_path / "reports" / f".run.tmp{dead}"
+    report_tmp.mkdir(parents=True)
+    (report_tmp / "report.md").write_text("half")
+    r = run_cli(args(tmp_path, data_dir))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not [p for p in stale if p.exists()] and not report_tmp.exists()
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["run"]
