@@ -14,8 +14,8 @@ Every config field is an option (`icl-scale run --help`). Bad input: one line on
 from __future__ import annotations
 
 import argparse
-import errno
 import dataclasses
+import errno
 import os
 import sys
 import typing
@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
                                  "sweep.k as a run, then one sweep report (figures against model size and k)")
     r = sub.add_parser("report", help="rebuild reports/<run>/ (report.md, metrics.csv, results.json, figures) "
                                       "from a run dir and print the summary")
+    r.add_argument("run_dir")
+    r.add_argument("--report-dir", default="reports", help="the report goes to <report-dir>/<run name>/")
+    r.add_argument("--compare-reference", action="store_true",
+                   help="put the papers' GPT 1.3B figures (DESIGN.md §3) beside each figure")
+    r.add_argument("--report.exclude_diverged", dest="exclude_diverged", default=None, choices=("true", "false"),
+                   help="leave diverged FT runs out of every mean (default: the run's report.exclude_diverged)")
     e = sub.add_parser("export", help="a run's merged records (ids, predictions, option scores, attention outputs "
                                       "and maps) as a Hugging Face datasets DatasetDict, one split per task × "
                                       "setting × seed, loadable with datasets.load_from_disk")
@@ -58,12 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("launch", add_help=False,
                    help="`accelerate launch -m icl_scale` with icl-scale's exit codes: icl-scale launch "
                         "[accelerate launch options] run|suite|sweep [options] (2: bad input, 130: interrupted)")
-    r.add_argument("run_dir")
-    r.add_argument("--report-dir", default="reports", help="the report goes to <report-dir>/<run name>/")
-    r.add_argument("--compare-reference", action="store_true",
-                   help="put the papers' GPT 1.3B figures (DESIGN.md §3) beside each figure")
-    r.add_argument("--report.exclude_diverged", dest="exclude_diverged", default=None, choices=("true", "false"),
-                   help="leave diverged FT runs out of every mean (default: the run's report.exclude_diverged)")
     return ap
 
 
@@ -84,14 +84,14 @@ def main(argv: list[str] | None = None) -> int:
         return launch(argv[1:])
     args = build_parser().parse_args(argv)
     try:
+        from icl_scale.runtime.rundir import check_writable   # every path written is checked before any work
+
         if args.command in ("run", "suite", "sweep"):
             cfg = _config_of(args)
-            from icl_scale.runtime.rundir import check_writable
-
-            check_writable(cfg.output.run_dir, "output.run_dir")   # before any work, not after it
-            check_writable(cfg.output.report_dir, "output.report_dir")
             from icl_scale.runtime.tracking import check_installed
 
+            check_writable(cfg.output.run_dir, "output.run_dir")
+            check_writable(cfg.output.report_dir, "output.report_dir")
             check_installed(cfg.output.trackers)
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             if args.command == "run":
@@ -112,7 +112,6 @@ def main(argv: list[str] | None = None) -> int:
                 suite(cfg)
         elif args.command == "export":
             from icl_scale.export import export
-            from icl_scale.runtime.rundir import check_writable
 
             check_writable(args.to, "--to")
             splits = export(args.run_dir, args.to)
@@ -122,8 +121,6 @@ def main(argv: list[str] | None = None) -> int:
 
             from icl_scale.report.render import write_report
             from icl_scale.runtime.progress import console
-
-            from icl_scale.runtime.rundir import check_writable
 
             check_writable(args.report_dir, "--report-dir")
             exclude = None if args.exclude_diverged is None else args.exclude_diverged == "true"

@@ -35,6 +35,9 @@ def main(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     at = next((i for i, a in enumerate(argv) if a in COMMANDS), None)
+    if at is None and {"-h", "--help"} & set(argv):
+        print(__doc__.strip() + "\n\nThe accelerate options: `accelerate launch --help`.")
+        return 0
     if at is None:
         print(f"icl-scale: error: launch: no command after the accelerate options (one of {', '.join(COMMANDS)})",
               file=sys.stderr)
