@@ -110,7 +110,10 @@ def remove_stale(root: Path, dead_only: bool = True) -> list[Path]:
     for p in list(root.rglob(".*.tmp*")) + list(root.rglob(".*.old*")):
         if (dead_only and _alive(_pid_of(p.name))) or not p.exists():
             continue
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
         gone.append(p)
     return gone
 

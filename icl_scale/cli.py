@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = _config_of(args)
             from icl_scale.runtime.tracking import check_installed
 
-            check_writable(cfg.output.run_dir, "output.run_dir")
-            check_writable(cfg.output.report_dir, "output.report_dir")
+            check_writable(cfg.output.run_dir, "config field output.run_dir")
+            check_writable(cfg.output.report_dir, "config field output.report_dir")
             check_installed(cfg.output.trackers)
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             if args.command == "run":
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             from icl_scale.export import export
 
-            check_writable(args.to, "--to")
+            check_writable(args.to, "option --to")
             splits = export(args.run_dir, args.to)
             print(f"exported {len(splits)} splits to {args.to}", file=sys.stderr)
         elif args.command == "report":
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             from icl_scale.report.render import write_report
             from icl_scale.runtime.progress import console
 
-            check_writable(args.report_dir, "--report-dir")
+            check_writable(args.report_dir, "option --report-dir")
             exclude = None if args.exclude_diverged is None else args.exclude_diverged == "true"
             if (Path(args.run_dir) / "sweep.json").is_file():   # a sweep dir: its members' reports, then its own
                 from icl_scale.report.sweep import read_sweep, write_sweep_report

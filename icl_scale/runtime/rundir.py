@@ -41,22 +41,23 @@ def job_meta_path(run_dir: Path, task: str, seed: int) -> Path:
 
 def check_writable(path: Path, field: str) -> None:
     """A directory the run will write: one that is there or can be made, and writable (probed with a
-    temporary file, since permission bits do not bind root). Checked before any work."""
+    temporary file, since permission bits do not bind root). Checked before any work; `field` names
+    the option in the error ("config field output.run_dir", "option --to")."""
     import tempfile
 
     path = Path(path).absolute()
     if path.exists() and not path.is_dir():
-        raise UserError(f"config field {field}: {path} is a file, not a directory")
+        raise UserError(f"{field}: {path} is a file, not a directory")
     there = path
     while not there.exists():
         there = there.parent
     if not there.is_dir():
-        raise UserError(f"config field {field}: {path} is under a file ({there})")
+        raise UserError(f"{field}: {path} is under a file ({there})")
     try:
         with tempfile.TemporaryFile(dir=there):
             pass
     except OSError as e:
-        raise UserError(f"config field {field}: {there} is not writable ({e.strerror})") from None
+        raise UserError(f"{field}: {there} is not writable ({e.strerror})") from None
 
 
 def check_config(cfg: C.RunConfig, run_dir: Path) -> str:
