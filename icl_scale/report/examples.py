@@ -33,8 +33,8 @@ def rows(results: dict, per_example: dict) -> tuple[list[str], list[list[str]]]:
     """(header, rows) over every (task, seed) whose settings all have records."""
     methods = results["methods"]
     ft = ft_settings(methods)
-    learners = sorted({s for ex in per_example.values() for k in ex if isinstance(k, tuple) and k[0] == "pred"
-                       and k[1] not in methods for s in [k[1]]})
+    learners = sorted({k[1] for ex in per_example.values() for k in ex
+                       if isinstance(k, tuple) and k[0] == "pred" and k[1] not in methods})
     header = ["task", "seed", "id", "text", "gold"]
     for s in methods:
         header += [f"pred_{s}", f"probs_{s}"]
