@@ -21,7 +21,7 @@ import sys
 import typing
 
 from icl_scale import config as C
-from icl_scale.errors import UserError
+from icl_scale.errors import UserError, say
 
 
 def _config_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
@@ -136,16 +136,16 @@ def main(argv: list[str] | None = None) -> int:
             write_report(Path(args.run_dir), Path(args.report_dir), console=console(), compare=args.compare_reference,
                          exclude_diverged=exclude)
     except UserError as e:
-        print(f"icl-scale: error: {e}", file=sys.stderr)
+        say(f"icl-scale: error: {e}")
         return 2
     except KeyboardInterrupt:   # every write is atomic: what finished is kept, the rerun resumes
-        print("icl-scale: interrupted; rerun the same command to resume", file=sys.stderr)
+        say("icl-scale: interrupted; rerun the same command to resume")
         return 130
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
             raise
-        print(f"icl-scale: error: {e.strerror} writing {e.filename}; what finished is kept: make room and rerun "
-              f"the same command to resume", file=sys.stderr)
+        say(f"icl-scale: error: {e.strerror} writing {e.filename}; what finished is kept: make room and rerun "
+            f"the same command to resume")
         return 1
     return 0
 

@@ -8,3 +8,15 @@ class UserError(Exception):
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message, for one-line errors."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def say(line: str) -> None:
+    """Print one line to stderr in a single write: ranks of one launch share the pipe, and a write
+    under PIPE_BUF bytes is never interleaved with another rank's (print writes the newline apart)."""
+    import os
+    import sys
+
+    sys.stderr.flush()
+    data = (line + "\n").encode(errors="replace")
+    while data:
+        data = data[os.write(sys.stderr.fileno(), data):]

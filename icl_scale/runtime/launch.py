@@ -16,6 +16,8 @@ import signal
 import subprocess
 import sys
 
+from icl_scale.errors import say
+
 COMMANDS = ("run", "suite", "sweep")
 
 
@@ -39,8 +41,7 @@ def main(argv: list[str]) -> int:
         print(__doc__.strip() + "\n\nThe accelerate options: `accelerate launch --help`.")
         return 0
     if at is None:
-        print(f"icl-scale: error: launch: no command after the accelerate options (one of {', '.join(COMMANDS)})",
-              file=sys.stderr)
+        say(f"icl-scale: error: launch: no command after the accelerate options (one of {', '.join(COMMANDS)})")
         return 2
     args = launch_command_parser().parse_args([*argv[:at], "-m", "icl_scale", *argv[at:]])
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)   # the ranks said why
@@ -52,9 +53,9 @@ def main(argv: list[str]) -> int:
         return exit_code([e.returncode])
     except SignalException as e:   # the launcher was signalled; torch stopped the ranks
         name = signal.Signals(e.sigval).name
-        print(f"icl-scale: stopped by {name}; rerun the same command to resume", file=sys.stderr)
+        say(f"icl-scale: stopped by {name}; rerun the same command to resume")
         return 128 + int(e.sigval)
     except KeyboardInterrupt:
-        print("icl-scale: interrupted; rerun the same command to resume", file=sys.stderr)
+        say("icl-scale: interrupted; rerun the same command to resume")
         return 130
     return 0
