@@ -11,12 +11,10 @@ def first_line(e: BaseException) -> str:
 
 
 def say(line: str) -> None:
-    """Print one line to stderr in a single write: ranks of one launch share the pipe, and a write
-    under PIPE_BUF bytes is never interleaved with another rank's (print writes the newline apart)."""
-    import os
+    """Print one line to stderr in a single write: ranks of one launch share the pipe, unbuffered
+    (print writes the newline apart, so two ranks' lines ran together), and a pipe write under
+    PIPE_BUF bytes is never interleaved with another's."""
     import sys
 
+    sys.stderr.write(line + "\n")
     sys.stderr.flush()
-    data = (line + "\n").encode(errors="replace")
-    while data:
-        data = data[os.write(sys.stderr.fileno(), data):]
