@@ -135,6 +135,30 @@ def test_a_bad_option_under_the_launcher_exits_2_in_one_line(tmp_path, data_dir)
                           "agnews, cb"}, out[-3000:]
 
 
+
+def test_an_error_line_is_one_write_to_an_unbuffered_stderr(monkeypatch):
+    """Ranks run with PYTHONUNBUFFERED: each write is a syscall, so a line written in two parts
+    can be split by another rank's line on the shared pipe."""
+    import io
+    import sys
+
+    from icl_scale.cli import main
+
+    writes = []
+
+    class Raw(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def write(self, b):
+            writes.append(bytes(b))
+            return len(b)
+
+    monkeypatch.setattr(sys, "stderr", io.TextIOWrapper(Raw(), write_through=True))
+    assert main(["run", "--data.tasks", "imdb"]) == 2
+    assert writes == [b"icl-scale: error: config field data.tasks: 'imdb' is not one of sst2, sst5, mr, subj, "
+                      b"agnews, cb\n"]
+
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_a_signal_to_the_launcher_stops_every_rank_and_the_rerun_resumes(tmp_path, data_dir, sig):
     import os
