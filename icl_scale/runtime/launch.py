@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import signal
 import subprocess
-import sys
 
 from icl_scale.errors import say
 
